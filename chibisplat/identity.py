@@ -1,0 +1,56 @@
+"""Character identity: uid, source hashes and config hashes (dataset contract, section 1)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+
+ASSET_SUFFIXES = (".fbx", ".blend", ".glb", ".gltf", ".vrm")
+_NON_UID = re.compile(r"[^a-z0-9]+")
+
+
+def uid_for(asset: Path, assets_dir: Path) -> str:
+    """``heroes/Mika Chan.fbx`` -> ``heroes_mika_chan``: relative path without extension, lower-cased,
+    every run of characters outside [a-z0-9] replaced by ``_``. Leading/trailing ``_`` are stripped so
+    a uid can never be empty-looking, ``.`` or ``..``: it is always a safe single folder name."""
+    rel = Path(asset).resolve().relative_to(Path(assets_dir).resolve())
+    stem = rel.with_suffix("").as_posix().lower()
+    uid = _NON_UID.sub("_", stem).strip("_")
+    if not uid:
+        raise ValueError(f"{asset}: the file name gives an empty uid; rename it to contain letters or digits")
+    return uid
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def sha256_files(paths: list[Path]) -> str:
+    """Hash of several files in the given (fixed) order: name length, name, size, bytes for each."""
+    if len(paths) == 1:
+        return sha256_file(paths[0])
+    h = hashlib.sha256()
+    for p in paths:
+        name = Path(p).name.encode()
+        h.update(len(name).to_bytes(4, "little") + name)
+        h.update(Path(p).stat().st_size.to_bytes(8, "little"))
+        h.update(bytes.fromhex(sha256_file(p)))
+    return h.hexdigest()
+
+
+def canonical_json(obj) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+
+
+def sha256_json(obj) -> str:
+    return hashlib.sha256(canonical_json(obj).encode()).hexdigest()
+
+
+def sha256_text(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()

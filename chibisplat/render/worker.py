@@ -1,0 +1,97 @@
+"""Render one character in this process: ``python -m chibisplat.render.worker JOB.json``.
+
+The job file names the asset, its uid, the output folder and the render configuration. The worker
+renders into a scratch folder and then swaps the finished folder into place, so a killed worker never
+leaves a half-written character behind. The outcome is written to ``job['result']`` as JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import time
+import traceback
+from pathlib import Path
+
+
+def _redirect_blender_output(log_path: Path):
+    """Blender prints a lot on fd 1/2; send it to the character's log and keep a handle for progress lines."""
+    progress = os.fdopen(os.dup(2), "w", buffering=1)
+    log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    os.dup2(log_fd, 1)
+    os.dup2(log_fd, 2)
+    os.close(log_fd)
+    return progress
+
+
+def install_folder(staged: Path, final: Path, trash_dir: Path) -> None:
+    """Replace ``final`` by ``staged`` with renames only (same file system)."""
+    trash_dir.mkdir(parents=True, exist_ok=True)
+    old = None
+    if final.exists():
+        old = trash_dir / f"{final.name}.{os.getpid()}"
+        os.replace(final, old)
+    os.replace(staged, final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def run_job(job: dict, progress) -> dict:
+    from chibisplat import png
+    from chibisplat.render import blender
+    from chibisplat.render.contact_sheet import contact_sheet
+    from chibisplat.render.errors import AssetError
+
+    uid = job["uid"]
+    scratch = Path(job["scratch_dir"])
+    staged = scratch / "tmp" / f"{uid}.{os.getpid()}"
+    shutil.rmtree(staged, ignore_errors=True)
+    staged.mkdir(parents=True)
+    t0 = time.perf_counter()
+
+    def on_view(index: int) -> None:
+        if (index + 1) % 10 == 0:
+            progress.write(f"  {uid}: {index + 1}/40 views ({time.perf_counter() - t0:.1f} s)\n")
+
+    try:
+        record = blender.render_character(Path(job["asset"]), staged, job["config"], progress=on_view)
+    except AssetError as e:
+        shutil.rmtree(staged, ignore_errors=True)
+        return {"status": "failed", "reason": e.reason, "action": e.action}
+    except Exception as e:  # an importer or Blender error we did not foresee: report it, keep going
+        shutil.rmtree(staged, ignore_errors=True)
+        detail = "".join(traceback.format_exception_only(type(e), e)).strip()
+        return {
+            "status": "failed",
+            "reason": f"Blender could not import or render the file: {detail}",
+            "action": "open the file in Blender to check it, or re-export it (binary FBX 7.4 / glTF 2.0); "
+            f"the full Blender log is in {job['log']}",
+        }
+    meta = {
+        "uid": uid,
+        "source": job["source"],
+        "source_sha256": job["source_sha256"],
+        "render_config_sha256": job["render_config_sha256"],
+        **record,
+    }
+    (staged / "meta.json").write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
+    views = [png.read_png(staged / f"{i:05d}.png") for i in range(40)]
+    png.write_png(staged / "contact_sheet.png", contact_sheet(views, [str(i) for i in range(40)]))
+    install_folder(staged, Path(job["out_dir"]) / uid, scratch / "trash")
+    return {"status": "rendered", "seconds": round(time.perf_counter() - t0, 2), "warnings": record["warnings"]}
+
+
+def main() -> int:
+    job = json.loads(Path(sys.argv[1]).read_text())
+    progress = _redirect_blender_output(Path(job["log"]))
+    result = run_job(job, progress)
+    tmp = Path(job["result"]).with_suffix(".tmp")
+    tmp.write_text(json.dumps(result))
+    os.replace(tmp, job["result"])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,68 @@
+"""Shared fixtures. Blender runs only in subprocesses (the render stage's workers), never in pytest itself."""
+
+from __future__ import annotations
+
+import copy
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_ASSETS = REPO.parent / "shared" / "assets"
+sys.path.insert(0, str(Path(__file__).parent))  # tests/asset_factory.py, tests/synthetic_renders.py
+
+# The bundled sample used for Blender-backed fixtures (the product's own character, not a shared asset).
+FIXTURE_SAMPLE = "witch_girl"
+
+
+def default_render_params() -> dict:
+    with open(REPO / "params.yaml") as f:
+        return copy.deepcopy(yaml.safe_load(f)["render"])
+
+
+def render_params(tmp: Path, **overrides) -> dict:
+    """Render params for a test folder: assets in tmp/assets, outputs in tmp/renders (small and fast)."""
+    params = default_render_params()
+    params.update(
+        assets_dir=str(tmp / "assets"),
+        out_dir=str(tmp / "renders"),
+        report=str(tmp / "reports" / "render.json"),
+        resolution=64,
+        samples=4,
+        workers=2,
+    )
+    params.update(overrides)
+    return params
+
+
+def sample_asset(name: str = FIXTURE_SAMPLE) -> Path:
+    matches = sorted((REPO / "data" / "assets").glob(f"{name}.*"))
+    matches = [m for m in matches if m.suffix != ".txt"]
+    if not matches:
+        pytest.fail(f"bundled sample {name} not found in data/assets (run `make samples`)")
+    return matches[0]
+
+
+def shared_asset(name: str) -> Path:
+    path = SHARED_ASSETS / name
+    if not path.is_file():
+        pytest.skip(f"{path} not available (../shared/assets is provided next to the repository)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def rendered_character_128(tmp_path_factory) -> Path:
+    """One bundled sample character rendered by the real render stage at 128x128 (16 samples).
+    Returns its folder ``<renders>/<uid>/`` (contract section 4)."""
+    from chibisplat.render.stage import run_render_stage
+
+    tmp = tmp_path_factory.mktemp("rendered128")
+    (tmp / "assets").mkdir()
+    asset = sample_asset()
+    shutil.copy(asset, tmp / "assets" / asset.name)
+    report = run_render_stage(render_params(tmp, resolution=128, samples=16, workers=1), log=lambda *_: None)
+    assert report["counts"]["rendered"] == 1, report
+    return tmp / "renders" / asset.stem
