@@ -13,12 +13,12 @@ _NON_UID = re.compile(r"[^a-z0-9]+")
 
 def uid_for(asset: Path, assets_dir: Path) -> str:
     """``heroes/Mika Chan.fbx`` -> ``heroes_mika_chan``: relative path without extension, lower-cased,
-    every run of characters outside [a-z0-9] replaced by ``_``. Leading/trailing ``_`` are stripped so
-    a uid can never be empty-looking, ``.`` or ``..``: it is always a safe single folder name."""
+    every run of characters outside [a-z0-9] replaced by ``_``. A uid holds only [a-z0-9_], so it is always a
+    safe single folder name (never ``.``, ``..`` or a path)."""
     rel = Path(asset).resolve().relative_to(Path(assets_dir).resolve())
     stem = rel.with_suffix("").as_posix().lower()
-    uid = _NON_UID.sub("_", stem).strip("_")
-    if not uid:
+    uid = _NON_UID.sub("_", stem)
+    if not uid.strip("_"):
         raise ValueError(f"{asset}: the file name gives an empty uid; rename it to contain letters or digits")
     return uid
 

@@ -69,7 +69,7 @@ def test_camera_record_fields_are_consistent():
 
 @pytest.mark.parametrize(
     "rel, uid",
-    [("heroes/Mika Chan.fbx", "heroes_mika_chan"), ("A--b.GLB", "a_b"), ("x/y/Z9.blend", "x_y_z9"), ("__ok__.vrm", "ok")],
+    [("heroes/Mika Chan.fbx", "heroes_mika_chan"), ("A--b.GLB", "a_b"), ("x/y/Z9.blend", "x_y_z9"), ("__ok__.vrm", "_ok_")],
 )
 def test_uid_rule(tmp_path, rel, uid):
     path = tmp_path / rel

@@ -281,3 +281,19 @@ def test_vrm0_is_turned_to_face_front(tmp_path):
     turned_vs_back = np.abs(depth("tagged", 0) - depth("plain", 12)).mean()
     turned_vs_front = np.abs(depth("tagged", 0) - depth("plain", 0)).mean()
     assert turned_vs_back < 0.2 * turned_vs_front, (turned_vs_back, turned_vs_front)
+
+
+@pytest.mark.slow
+def test_rigged_sample_renders_in_rest_pose_and_frame_policy_picks_the_action(tmp_path):
+    """adventurer_boy.fbx: T-pose rest (bbox x +-0.362) vs the arms-down action at frame 1 (x +-0.31)."""
+    (tmp_path / "assets").mkdir()
+    shutil.copy(sample_asset("adventurer_boy"), tmp_path / "assets" / "adventurer_boy.fbx")
+    widths = {}
+    for pose in ("rest", "frame:1"):
+        out = tmp_path / pose.replace(":", "")
+        params = render_params(tmp_path, resolution=32, samples=1, pose=pose, out_dir=str(out / "renders"),
+                               report=str(out / "report.json"))
+        assert run_render_stage(params, **QUIET)["counts"]["rendered"] == 1
+        lo, hi = np.array(json.loads((out / "renders" / "adventurer_boy" / "meta.json").read_text())["original_bbox"])
+        widths[pose] = hi[0] - lo[0]
+    assert widths["rest"] > 0.7 and widths["frame:1"] < 0.65, widths
