@@ -19,8 +19,9 @@ $(STAMP): pyproject.toml
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
 
+# Stage commands call `python`: the venv's bin comes first on PATH (the same as `source .venv/bin/activate`).
 repro: $(STAMP)
-	$(VENV)/bin/dvc repro
+	PATH="$(abspath $(VENV))/bin:$$PATH" dvc repro
 
 test: $(STAMP)
 	$(PY) -m pytest -m "slow or not slow" -v --durations=15

@@ -1,0 +1,171 @@
+"""Where the model stack comes from: ``pretrained`` (SD1.5 + the published DiffSplat checkpoints) or ``tiny``.
+
+Both modes build the same classes (:class:`GSRecon`, :class:`GSAutoencoderKL`, the multi-view
+``UNet2DConditionModel``) and keep the prompt embedding at 77 x 768, so every code path downstream is the
+same; ``tiny`` only shrinks the widths and initialises deterministically from a seed, for tests and
+CPU-only machines. Configuration is params.yaml's ``models:`` section::
+
+    models:
+      source: tiny | pretrained
+      seed: 0
+      sd15:      {repo: stable-diffusion-v1-5/stable-diffusion-v1-5, revision: <commit>, path: null}
+      diffsplat: {repo: chenguolin/DiffSplat, revision: <commit>, path: models/diffsplat}
+
+Nothing is downloaded here (the machines that train have no internet): ``path`` is a local folder, or the
+file is looked up in the Hugging Face cache at the pinned revision with ``local_files_only``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers import UNet2DConditionModel
+
+from chibisplat.models.checkpoints import load_accelerate_checkpoint
+from chibisplat.models.gsdiff import SD15_UNET_CONFIG, build_mv_unet, load_mv_unet, mv_unet_config, widen_conv_in
+from chibisplat.models.gsrecon import GSRecon
+from chibisplat.models.gsvae import GSAutoencoderKL, sd15_vae, taesd
+
+SD15_REPO = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+DIFFSPLAT_REPO = "chenguolin/DiffSplat"
+GSRECON_TAG = "gsrecon_gobj265k_cnp_even4"
+GSVAE_TAG = "gsvae_gobj265k_sd"
+GSDIFF_UNET_SUBDIR = "gsdiff_gobj83k_sd15__render/checkpoints/013020/unet_ema"
+SD15_SUBFOLDERS = ("unet", "vae", "scheduler", "tokenizer", "text_encoder")
+
+# Tiny widths: every module keeps its published structure (patchify, VAE downsampling x8, TAESD x8
+# upsampling, cross-attention to 77 x 768 prompts); only channel widths and depths shrink.
+TINY_GSRECON = dict(dim=64, num_blocks=2, num_heads=4, ffn_multiple_of=32)
+# Four blocks, not two: the VAE must downsample by 8 like SD's, so 256 px views give 32 x 32 latents.
+TINY_VAE = dict(block_out_channels=(32, 32, 64, 64), layers_per_block=1)
+TINY_TAESD = dict(
+    encoder_block_out_channels=(16, 16, 16, 16), num_encoder_blocks=(1, 1, 1, 1),
+    decoder_block_out_channels=(16, 16, 16, 16), num_decoder_blocks=(1, 1, 1, 1),
+)
+TINY_UNET = dict(
+    SD15_UNET_CONFIG,
+    block_out_channels=(32, 64),
+    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    layers_per_block=1,
+)
+
+
+@dataclass
+class ModelStack:
+    source: str
+    gsrecon: GSRecon
+    gsvae: GSAutoencoderKL
+    unet: UNet2DConditionModel
+    sd15_path: Path | None  # scheduler / tokenizer / text encoder folder (pretrained only)
+
+
+class ModelSourceError(FileNotFoundError):
+    pass
+
+
+def _hf_download_hint(repo: str, revision: str | None, patterns: list[str] | None, target: str) -> str:
+    rev = f" --revision {revision}" if revision else ""
+    inc = "".join(f" --include '{p}'" for p in patterns or [])
+    py_patterns = f", allow_patterns={patterns!r}" if patterns else ""
+    py_rev = f", revision={revision!r}" if revision else ""
+    return (
+        f"On a machine with internet run either\n"
+        f"  huggingface-cli download {repo}{rev}{inc} --local-dir {target}\n"
+        f"or\n"
+        f"  python -c \"from huggingface_hub import snapshot_download; "
+        f"snapshot_download({repo!r}{py_rev}{py_patterns}, local_dir={target!r})\"\n"
+        f"then copy {target} here and set its path in params.yaml (models.*.path), or fill the Hugging Face "
+        f"cache (HF_HOME) with the same revision."
+    )
+
+
+def resolve_snapshot(spec: dict, patterns: list[str], default_repo: str, required: list[str]) -> Path:
+    """Local folder for a Hugging Face repo: ``spec['path']`` if set, else the HF cache at ``spec['revision']``.
+
+    ``required`` are relative paths that must exist inside; a missing one raises :class:`ModelSourceError`
+    naming the exact download command.
+    """
+    repo = spec.get("repo") or default_repo
+    revision = spec.get("revision")
+    target = spec.get("path") or f"models/{repo.split('/')[-1]}"
+    hint = _hf_download_hint(repo, revision, patterns, target)
+    if spec.get("path"):
+        folder = Path(spec["path"])
+        if not folder.is_dir():
+            raise ModelSourceError(f"{folder} (models path for {repo}) does not exist.\n{hint}")
+    else:
+        from huggingface_hub import snapshot_download
+
+        try:
+            folder = Path(snapshot_download(repo, revision=revision, allow_patterns=patterns, local_files_only=True))
+        except Exception as e:  # the hub raises several types for "not in the cache"
+            raise ModelSourceError(f"{repo}@{revision} is not in the Hugging Face cache ({type(e).__name__}).\n{hint}") from None
+    missing = [r for r in required if not (folder / r).exists()]
+    if missing:
+        raise ModelSourceError(f"{folder} lacks {', '.join(missing)} ({repo}@{revision}).\n{hint}")
+    return folder
+
+
+def diffsplat_folder(models_cfg: dict) -> Path:
+    """The folder holding the three published DiffSplat SD1.5 checkpoints."""
+    patterns = [f"{GSRECON_TAG}/*", f"{GSVAE_TAG}/*", f"{GSDIFF_UNET_SUBDIR}/*"]
+    required = [f"{GSRECON_TAG}/checkpoints", f"{GSVAE_TAG}/checkpoints", f"{GSDIFF_UNET_SUBDIR}/config.json"]
+    return resolve_snapshot(models_cfg.get("diffsplat", {}), patterns, DIFFSPLAT_REPO, required)
+
+
+def sd15_folder(models_cfg: dict) -> Path:
+    patterns = [f"{s}/*" for s in SD15_SUBFOLDERS]
+    return resolve_snapshot(models_cfg.get("sd15", {}), patterns, SD15_REPO, ["unet/config.json", "scheduler/scheduler_config.json"])
+
+
+def tiny_model_stack(seed: int = 0, image_conditioned: bool = False) -> ModelStack:
+    """The stack at tiny widths, identical for the same seed (CPU, float32)."""
+    gen_state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(seed)
+        gsrecon = GSRecon(**TINY_GSRECON)
+        gsvae = GSAutoencoderKL.from_rgb_autoencoders(sd15_vae(**TINY_VAE), taesd(**TINY_TAESD))
+        unet4 = UNet2DConditionModel(**TINY_UNET)
+        unet = widen_conv_in(unet4, 11 if image_conditioned else 10, sample_size=32, image_conditioned=image_conditioned)
+    finally:
+        torch.random.set_rng_state(gen_state)
+    return ModelStack("tiny", gsrecon.eval(), gsvae.eval(), unet.eval(), None)
+
+
+def pretrained_model_stack(models_cfg: dict) -> ModelStack:
+    """The published DiffSplat SD1.5 stack, strictly loaded (text-conditioned UNet, conv_in 10)."""
+    root = diffsplat_folder(models_cfg)
+    sd15 = sd15_folder(models_cfg)
+    gsrecon = GSRecon()
+    load_accelerate_checkpoint(gsrecon, root / GSRECON_TAG)
+    gsvae = GSAutoencoderKL()
+    load_accelerate_checkpoint(gsvae, root / GSVAE_TAG)
+    unet = load_mv_unet(root / GSDIFF_UNET_SUBDIR)
+    return ModelStack("pretrained", gsrecon.eval(), gsvae.eval(), unet, sd15)
+
+
+def sd15_mv_unet(models_cfg: dict, image_conditioned: bool = False) -> UNet2DConditionModel:
+    """SD1.5's UNet widened for GSDiff (to train GSDiff from SD1.5 rather than from DiffSplat's weights)."""
+    unet4 = UNet2DConditionModel.from_pretrained(sd15_folder(models_cfg), subfolder="unet")
+    return widen_conv_in(unet4, 11 if image_conditioned else 10, 32, image_conditioned)
+
+
+def load_model_stack(models_cfg: dict) -> ModelStack:
+    """Build the stack params.yaml's ``models:`` section asks for."""
+    source = models_cfg.get("source", "tiny")
+    if source == "tiny":
+        return tiny_model_stack(int(models_cfg.get("seed", 0)), bool(models_cfg.get("image_conditioned", False)))
+    if source == "pretrained":
+        return pretrained_model_stack(models_cfg)
+    raise ValueError(f"models.source must be 'tiny' or 'pretrained', got {source!r} (params.yaml)")
+
+
+def build_full_size_empty() -> dict:
+    """Full-size modules on the meta device (no memory): GSRecon, GSVAE and the conv_in-10 UNet."""
+    from accelerate import init_empty_weights
+
+    with init_empty_weights():
+        return {"gsrecon": GSRecon(), "gsvae": GSAutoencoderKL(), "unet": build_mv_unet(mv_unet_config())}

@@ -1,0 +1,1 @@
+"""3D Gaussian splats: splatter images -> Gaussians, rasterization (PyTorch / gsplat), PLY files."""
