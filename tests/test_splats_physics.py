@@ -98,8 +98,6 @@ def fit_and_evaluate(folder: Path, steps: int = 300, seed: int = 0) -> dict[str,
 
 @pytest.mark.slow
 def test_fit_blender_character_reaches_28_db(rendered_character_128):
-    torch.set_num_threads(1)  # shared CPU
     scores = fit_and_evaluate(rendered_character_128)
     print("held-out PSNR per slot:", {k: round(v, 2) for k, v in scores.items()})
-    assert min(scores.values()) >= TARGET_PSNR - 1.0, scores
-    assert np.mean(list(scores.values())) >= TARGET_PSNR, scores
+    assert min(scores.values()) >= TARGET_PSNR, scores
