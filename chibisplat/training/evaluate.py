@@ -1,0 +1,206 @@
+"""Evaluation on the val split (DiffSplat reference §8 "Metrics", "Previews").
+
+* GSRecon reconstruction: for each val character and view set, the 4 even input views -> GSRecon Gaussians ->
+  renders of 4 held-out slots, compared with the ground truth: PSNR, SSIM (skimage's defaults: 7x7 uniform
+  window, sample covariance, data range 1) and LPIPS-VGG (only with local weights, else null with a note).
+* The trained UNet's diffusion loss on the val latents (fixed timesteps and noise: comparable across runs).
+* Generation previews: each val caption -> trained UNet -> GSVAE -> Gaussians -> 4 views, one contact sheet PNG
+  per character, plus a reconstruction sheet (ground truth above GSRecon's renders).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from chibisplat.dataset import schema
+from chibisplat.dataset.loader import ViewConfig, object_views
+from chibisplat.dataset.pack import packed_files
+from chibisplat.render.contact_sheet import contact_sheet
+from chibisplat.training.config import check_keys, resolved_section
+from chibisplat.training.inference import (
+    inference_cameras, latents_to_gaussians, load_trained_unet, render_rgb,
+)
+from chibisplat.training.latents import EVEN_VIEW_SETS, _rows, load_latent_set, supervision_views
+from chibisplat.training.objective import diffusion_step_inputs, noise_scheduler, sample_batch, sample_latents, step_generator
+from chibisplat.splats.splatter import splatter_to_gaussians, to_splatter_image
+
+
+@dataclass(frozen=True)
+class EvaluateParams:
+    packed_dir: str = "data/packed"
+    latents_dir: str = "data/latents"
+    embeddings: str = "data/embeddings/prompt_embeds.parquet"
+    unet: str = "models/train/unet"
+    metrics: str = "metrics/evaluate.json"
+    previews_dir: str = "metrics/evaluate/previews"
+    view_sets: tuple[int, ...] = (0, 6)  # indices into EVEN_VIEW_SETS (0: ring A from slot 0, 6: ring B from 27)
+    render_resolution: int = 128
+    lpips_weights: str | None = None
+    steps: int = 20
+    guidance: float = 7.5
+    sampler: str = "sde-dpmsolver++"
+    seed: int = 0
+    elevation: float = 10.0
+    distance: float = 1.4
+    opacity_threshold: float = 0.01
+    rasterizer: str = "auto"
+    device: str = "cpu"
+
+    @staticmethod
+    def from_params(params: dict) -> "EvaluateParams":
+        d = resolved_section(params, "evaluate")
+        check_keys("evaluate", d, set(EvaluateParams.__dataclass_fields__))
+        if "view_sets" in d:
+            d["view_sets"] = tuple(d["view_sets"])
+        p = EvaluateParams(**d)
+        bad = [s for s in p.view_sets if not 0 <= s < len(EVEN_VIEW_SETS)]
+        if bad:
+            raise ValueError(f"params.yaml evaluate.view_sets {bad} out of range 0..{len(EVEN_VIEW_SETS) - 1}")
+        return p
+
+
+def psnr(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Images (.., 3, H, W) in [0, 1]."""
+    mse = F.mse_loss(x, y).item()
+    return float("inf") if mse == 0 else 10.0 * math.log10(1.0 / mse)
+
+
+def ssim(x: torch.Tensor, y: torch.Tensor, window: int = 7) -> float:
+    """Mean SSIM of (N, C, H, W) images in [0, 1] (skimage ``structural_similarity`` defaults, channels averaged)."""
+    k1, k2, np_ = 0.01, 0.03, window * window
+    pool = lambda t: F.avg_pool2d(t, window, stride=1)  # valid window = skimage's border crop
+    cov_norm = np_ / (np_ - 1)
+    ux, uy = pool(x), pool(y)
+    vx = cov_norm * (pool(x * x) - ux * ux)
+    vy = cov_norm * (pool(y * y) - uy * uy)
+    vxy = cov_norm * (pool(x * y) - ux * uy)
+    c1, c2 = k1 ** 2, k2 ** 2
+    s = ((2 * ux * uy + c1) * (2 * vxy + c2)) / ((ux * ux + uy * uy + c1) * (vx + vy + c2))
+    return s.mean().item()
+
+
+@torch.no_grad()
+def reconstruction_metrics(stack, params: EvaluateParams, resolution: int, lpips, log=print) -> tuple[dict, dict]:
+    """GSRecon on the val characters' even input views, rendered into held-out slots; also returns sheets."""
+    files = packed_files(Path(params.packed_dir), "val")
+    if not files:
+        raise FileNotFoundError(f"{params.packed_dir}/val: no packed val shards; run the pack stage (dvc repro pack)")
+    config = ViewConfig(num_views=8, num_input_views=4, resolution=resolution)
+    res = params.render_resolution
+    scores = {"psnr": [], "ssim": [], "lpips": []}
+    sheets = {}
+    device = params.device
+    for shard in files:
+        for row in _rows(shard):
+            uid = row[schema.UID]
+            for s in params.view_sets:
+                inputs = EVEN_VIEW_SETS[s]
+                indices = list(inputs) + supervision_views(uid, s, inputs)
+                v = object_views(row[schema.IMAGES], row[schema.NORMAL_DEPTH], row[schema.CAMERAS], indices, config)
+                images = torch.cat([v["image"][:4], v["normal"][:4], v["coord"][:4]], dim=1)[None].to(device)
+                out = stack.gsrecon(images, v["C2W"][:4][None].to(device), v["fxfycxcy"][:4][None].to(device))
+                splatter = to_splatter_image(out)[0].float().cpu()
+                g = splatter_to_gaussians(splatter, v["C2W"][:4], v["fxfycxcy"][:4])
+                pred = render_rgb(g, v["C2W"][4:], v["fxfycxcy"][4:], res, params.rasterizer, params.opacity_threshold)
+                pred_t = torch.from_numpy(np.stack(pred)).permute(0, 3, 1, 2).float() / 255.0
+                gt = v["image"][4:]
+                if gt.shape[-1] != res:
+                    gt = F.interpolate(gt, size=(res, res), mode="bilinear", align_corners=False, antialias=True)
+                gt = (gt.clamp(0, 1) * 255).round() / 255.0  # 8-bit, as the metrics are computed on uint8 images
+                for k in range(gt.shape[0]):
+                    scores["psnr"].append(psnr(pred_t[k:k + 1], gt[k:k + 1]))
+                    scores["ssim"].append(ssim(pred_t[k:k + 1], gt[k:k + 1]))
+                    if lpips is not None:
+                        scores["lpips"].append(lpips(pred_t[k:k + 1].to(device), gt[k:k + 1].to(device)).item())
+                if s == params.view_sets[0]:
+                    gt_u8 = [(g_.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8) for g_ in gt]
+                    labels = [f"gt {i}" for i in indices[4:]] + [f"recon {i}" for i in indices[4:]]
+                    sheets[uid] = contact_sheet(gt_u8 + pred, labels, columns=4, cell=res)
+            log(f"evaluate: reconstruction {uid}: {len(params.view_sets)} view set(s) x 4 held-out views")
+    mean = lambda xs: float(np.mean(xs)) if xs else None
+    return {k: mean(v) for k, v in scores.items()} | {"num_views": len(scores["psnr"])}, sheets
+
+
+@torch.no_grad()
+def val_diffusion_loss(unet, stack, params: EvaluateParams, scheduler, num_batches: int = 8) -> float:
+    """Mean epsilon-MSE of the UNet on val latents with fixed draws (no CFG drop)."""
+    data = load_latent_set(Path(params.latents_dir), "val", Path(params.embeddings))
+    total = 0.0
+    for i in range(num_batches):
+        g = step_generator(params.seed, i, 0, 0)
+        batch = sample_batch(data, 1, g)
+        inputs = diffusion_step_inputs(batch, scheduler, stack.gsvae.scale_latents, data.null_embed, 0.0, data.resolution, g)
+        pred = unet(inputs["unet_input"], inputs["timesteps"], inputs["encoder_hidden_states"],
+                    cross_attention_kwargs={"num_views": 4}).sample
+        total += F.mse_loss(pred.float(), inputs["target"].float()).item()
+    return total / num_batches
+
+
+@torch.no_grad()
+def generation_previews(unet, stack, params: EvaluateParams, scheduler, resolution: int, log=print) -> dict[str, np.ndarray]:
+    data = load_latent_set(Path(params.latents_dir), "val", Path(params.embeddings))
+    c2w, intr = inference_cameras(params.elevation, params.distance)
+    sheets = {}
+    seen = {}
+    for i, uid in enumerate(data.uids):
+        seen.setdefault(uid, i)
+    for uid, i in seen.items():
+        latents = sample_latents(unet, stack, dict(scheduler.config), data.prompt_embeds[i:i + 1], data.null_embed,
+                                 c2w, intr, resolution, params.steps, params.guidance, params.seed, params.sampler)[0]
+        g = latents_to_gaussians(stack.gsvae, latents, c2w, intr)
+        views = render_rgb(g, c2w, intr, params.render_resolution, params.rasterizer, params.opacity_threshold)
+        sheets[uid] = contact_sheet(views, [f"az {a}" for a in (0, 90, 180, 270)], columns=4, cell=params.render_resolution)
+        log(f"evaluate: generation preview {uid}: {data.captions[i]!r}")
+    return sheets
+
+
+def evaluate(params: EvaluateParams, models_cfg: dict, resolution: int, log=print) -> dict:
+    """Write ``params.metrics`` (JSON) and the preview PNGs; returns the metrics."""
+    import imageio.v2 as imageio
+
+    from chibisplat.models.sources import load_model_stack
+
+    stack = load_model_stack(models_cfg)
+    stack.gsrecon.to(params.device).eval()
+    stack.gsvae.to(params.device).eval()
+    unet = load_trained_unet(params.unet, params.device)
+    scheduler = noise_scheduler(stack)
+    notes = []
+    lpips = None
+    if params.lpips_weights:
+        from chibisplat.training.lpips import load_lpips
+
+        lpips = load_lpips(params.lpips_weights, params.device)
+    else:
+        notes.append("LPIPS is null: no local weights (evaluate.lpips_weights); see chibisplat/training/lpips.py")
+    recon, recon_sheets = reconstruction_metrics(stack, params, resolution, lpips, log)
+    val_loss = val_diffusion_loss(unet, stack, params, scheduler)
+    gen_sheets = generation_previews(unet, stack, params, scheduler, resolution, log)
+    previews = Path(params.previews_dir)
+    if previews.exists():
+        for old in previews.glob("*.png"):
+            old.unlink()
+    previews.mkdir(parents=True, exist_ok=True)
+    for uid, sheet in recon_sheets.items():
+        imageio.imwrite(previews / f"recon_{uid}.png", sheet)
+    for uid, sheet in gen_sheets.items():
+        imageio.imwrite(previews / f"generated_{uid}.png", sheet)
+    metrics = {
+        "recon_psnr": recon["psnr"], "recon_ssim": recon["ssim"], "recon_lpips": recon["lpips"],
+        "recon_views": recon["num_views"], "val_diffusion_loss": val_loss,
+        "val_characters": len(gen_sheets), "previews": len(recon_sheets) + len(gen_sheets), "notes": notes,
+    }
+    Path(params.metrics).parent.mkdir(parents=True, exist_ok=True)
+    Path(params.metrics).write_text(json.dumps(metrics, indent=2) + "\n")
+    for n in notes:
+        log(f"evaluate: note: {n}")
+    log(f"evaluate: recon PSNR {recon['psnr']:.2f} SSIM {recon['ssim']:.3f} LPIPS {recon['lpips']}, "
+        f"val diffusion loss {val_loss:.4f} -> {params.metrics}, {previews}")
+    return metrics

@@ -1,0 +1,186 @@
+"""GSDiff's objective for SD1.5 text conditioning (DiffSplat reference §4) and its sampler.
+
+Shapes: B objects x V = 4 views; latents are a batch of views ``(B*V, 4, h, w)``; one timestep per object,
+repeated over its views; text embeddings (77, 768) repeated per view.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from diffusers import DDPMScheduler, DPMSolverMultistepScheduler
+from torch import Tensor
+
+from chibisplat.geometry import pixel_K
+from chibisplat.models.gsdiff import plucker_condition, mv_unet_input
+from chibisplat.splats.rasterize import rasterize
+from chibisplat.splats.splatter import splatter_to_gaussians
+
+NUM_VIEWS = 4
+# stable-diffusion-v1-5 scheduler/scheduler_config.json.
+SD15_SCHEDULER_CONFIG = dict(
+    num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+    clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon", trained_betas=None,
+)
+
+
+def noise_scheduler(stack, prediction_type: str = "epsilon") -> DDPMScheduler:
+    """SD1.5's DDPM scheduler: from the SD1.5 folder (pretrained) or its config (tiny)."""
+    if stack.sd15_path is not None:
+        scheduler = DDPMScheduler.from_pretrained(Path(stack.sd15_path), subfolder="scheduler")
+    else:
+        scheduler = DDPMScheduler.from_config(SD15_SCHEDULER_CONFIG)
+    scheduler.register_to_config(prediction_type=prediction_type)
+    return scheduler
+
+
+def step_generator(seed: int, step: int, micro: int = 0, rank: int = 0) -> torch.Generator:
+    """The RNG of one micro-batch: a function of (seed, step, micro-batch, rank) only, so a resumed run replays
+    exactly the batches, timesteps, noise and CFG drops of an uninterrupted one."""
+    g = torch.Generator()
+    g.manual_seed(((seed * 1_000_003 + step) * 1_009 + micro) * 101 + rank)
+    return g
+
+
+@dataclass
+class Batch:
+    """One micro-batch of B objects from a :class:`~chibisplat.training.latents.LatentSet`."""
+
+    latents: Tensor  # (B, 4, 4, h, w) unscaled
+    C2W: Tensor  # (B, 8, 4, 4)
+    fxfycxcy: Tensor  # (B, 8, 4)
+    target_rgba: Tensor  # (B, 8, 4, Rr, Rr) uint8
+    prompt_embeds: Tensor  # (B, 77, 768)
+    index: Tensor  # (B,) objects of the set
+
+
+def sample_batch(data, batch_size: int, g: torch.Generator) -> Batch:
+    n = len(data)
+    index = torch.randperm(n, generator=g)[:batch_size] if batch_size <= n else torch.randint(n, (batch_size,), generator=g)
+    return Batch(data.latents[index], data.C2W[index], data.fxfycxcy[index], data.target_rgba[index], data.prompt_embeds[index], index)
+
+
+def diffusion_step_inputs(batch: Batch, scheduler: DDPMScheduler, scaling, null_embed: Tensor, cfg_dropout: float,
+                          resolution: int, g: torch.Generator) -> dict[str, Tensor]:
+    """Noise, timesteps and UNet inputs of one micro-batch (all random draws from ``g``, on the CPU).
+
+    Returns ``x0`` and ``noise`` (B*V, 4, h, w), ``noisy``, ``timesteps`` (B*V,), ``unet_input`` (B*V, 10, h, w),
+    ``encoder_hidden_states`` (B*V, 77, 768), ``target`` (B*V, 4, h, w).
+    """
+    b = batch.latents.shape[0]
+    x0 = scaling(batch.latents).reshape(b * NUM_VIEWS, *batch.latents.shape[2:])
+    noise = torch.randn(x0.shape, generator=g)
+    t = torch.randint(0, scheduler.config.num_train_timesteps, (b,), generator=g)
+    drop = torch.rand(b, generator=g) < cfg_dropout  # text -> null embedding (classifier-free guidance)
+    timesteps = t.repeat_interleave(NUM_VIEWS)
+    noisy = scheduler.add_noise(x0, noise, timesteps)
+    text = torch.where(drop[:, None, None], null_embed[None], batch.prompt_embeds)
+    cams = batch.C2W[:, :NUM_VIEWS].reshape(-1, 4, 4)
+    intr = batch.fxfycxcy[:, :NUM_VIEWS].reshape(-1, 4)
+    plucker = plucker_condition(cams, intr, resolution, x0.shape[-1])
+    if scheduler.config.prediction_type == "epsilon":
+        target = noise
+    elif scheduler.config.prediction_type == "v_prediction":
+        target = scheduler.get_velocity(x0, noise, timesteps)
+    else:
+        raise ValueError(f"prediction type {scheduler.config.prediction_type!r} is not supported (epsilon | v_prediction)")
+    return {
+        "x0": x0, "noise": noise, "noisy": noisy, "timesteps": timesteps, "target": target,
+        "unet_input": mv_unet_input(noisy, plucker),
+        "encoder_hidden_states": text.repeat_interleave(NUM_VIEWS, dim=0),
+    }
+
+
+def predict_x0(pred: Tensor, noisy: Tensor, timesteps: Tensor, scheduler: DDPMScheduler) -> Tensor:
+    """x0 from the model output with the DDPM formulas (epsilon or v), shapes (N, 4, h, w)."""
+    a = scheduler.alphas_cumprod.to(noisy.device, noisy.dtype)[timesteps].reshape(-1, 1, 1, 1)
+    if scheduler.config.prediction_type == "epsilon":
+        return (noisy - (1 - a).sqrt() * pred) / a.sqrt()
+    return a.sqrt() * noisy - (1 - a).sqrt() * pred
+
+
+def render_objects(splatter: Tensor, C2W: Tensor, fxfycxcy: Tensor, resolution: int, backend: str = "auto",
+                   opacity_threshold: float = 0.0) -> tuple[Tensor, Tensor]:
+    """Splatter images of B objects (B, 4, 12, H, W) rendered into their cameras (B, Vr, 4, 4).
+
+    The first 4 cameras unproject the splatter images (input views). Returns image (B, Vr, 3, R, R) and
+    alpha (B, Vr, 1, R, R), rasterised in float32 (as DiffSplat forces).
+    """
+    images, alphas = [], []
+    for b in range(splatter.shape[0]):
+        g = splatter_to_gaussians(splatter[b].float(), C2W[b, :NUM_VIEWS].float(), fxfycxcy[b, :NUM_VIEWS].float(),
+                                  opacity_threshold=opacity_threshold)
+        img, alp = [], []
+        for v in range(C2W.shape[1]):
+            K = pixel_K(fxfycxcy[b, v].float(), resolution, resolution)
+            out = rasterize(g, C2W[b, v].float(), K, resolution, resolution, backend=backend)
+            img.append(out["image"])
+            alp.append(out["alpha"])
+        images.append(torch.stack(img))
+        alphas.append(torch.stack(alp))
+    return torch.stack(images), torch.stack(alphas)
+
+
+def rendering_loss(pred: Tensor, inputs: dict, batch: Batch, scheduler, gsvae, lpips, lpips_weight: float,
+                   backend: str = "auto") -> dict[str, Tensor]:
+    """DiffSplat's rendering loss: x0 -> tiny decoder -> Gaussians -> 8 views; MSE(image) + MSE(mask) + LPIPS.
+
+    Gradients flow through the frozen tiny decoder and the rasterizer into the UNet.
+    """
+    b = batch.latents.shape[0]
+    x0 = predict_x0(pred.float(), inputs["noisy"].float(), inputs["timesteps"], scheduler)
+    splatter = gsvae.decode(gsvae.unscale_latents(x0), use_tiny_decoder=True)  # (B*V, 12, H, W)
+    splatter = splatter.reshape(b, NUM_VIEWS, *splatter.shape[1:])
+    target = batch.target_rgba.float() / 255.0  # (B, 8, 4, Rr, Rr)
+    res = target.shape[-1]
+    image, alpha = render_objects(splatter, batch.C2W, batch.fxfycxcy, res, backend)
+    image_mse = F.mse_loss(image, target[:, :, :3])
+    mask_mse = F.mse_loss(alpha, target[:, :, 3:])
+    loss = image_mse + mask_mse
+    lp = torch.zeros((), device=image.device)
+    if lpips is not None and lpips_weight > 0:
+        lp = lpips(image.reshape(-1, 3, res, res), target[:, :, :3].reshape(-1, 3, res, res)).mean()
+        loss = loss + lpips_weight * lp
+    return {"render_loss": loss, "render_image_mse": image_mse, "render_mask_mse": mask_mse, "render_lpips": lp}
+
+
+@torch.no_grad()
+def sample_latents(unet, stack, scheduler_config: dict, prompt_embeds: Tensor, null_embed: Tensor, C2W: Tensor,
+                   fxfycxcy: Tensor, resolution: int, steps: int, guidance: float, seed: int,
+                   sampler: str = "dpmsolver++") -> Tensor:
+    """Text -> unscaled GSVAE latents of 4 views, for B prompts: (B, 4, 4, h, h).
+
+    ``prompt_embeds`` (B, 77, 768); cameras (4, 4, 4) / (4, 4) shared by all prompts. Classifier-free
+    guidance with the null embedding; DPM-Solver++ (SDE, as DiffSplat's default ``sde-dpmsolver++``) or DDIM,
+    trailing timestep spacing.
+    """
+    device = next(unet.parameters()).device
+    dtype = next(unet.parameters()).dtype
+    b = prompt_embeds.shape[0]
+    h = resolution // 8
+    config = {k: v for k, v in dict(scheduler_config).items() if not k.startswith("_")}
+    if sampler in ("dpmsolver++", "sde-dpmsolver++"):
+        scheduler = DPMSolverMultistepScheduler.from_config(config, algorithm_type=sampler, timestep_spacing="trailing")
+    elif sampler == "ddim":
+        from diffusers import DDIMScheduler
+
+        scheduler = DDIMScheduler.from_config(config, timestep_spacing="trailing")
+    else:
+        raise ValueError(f"unknown sampler {sampler!r}; use dpmsolver++, sde-dpmsolver++ or ddim")
+    scheduler.set_timesteps(steps)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn((b * NUM_VIEWS, 4, h, h), generator=g) * scheduler.init_noise_sigma
+    plucker = plucker_condition(C2W.float(), fxfycxcy.float(), resolution, h).repeat(b, 1, 1, 1)
+    text = torch.cat([null_embed[None].expand(b, -1, -1), prompt_embeds]).repeat_interleave(NUM_VIEWS, dim=0)
+    x, plucker, text = x.to(device), plucker.to(device), text.to(device, dtype)
+    for t in scheduler.timesteps:
+        xin = scheduler.scale_model_input(torch.cat([x, x]), t)
+        inp = mv_unet_input(xin, torch.cat([plucker, plucker])).to(dtype)
+        out = unet(inp, t.to(device), text, cross_attention_kwargs={"num_views": NUM_VIEWS}).sample.float()
+        uncond, cond = out.chunk(2)
+        pred = uncond + guidance * (cond - uncond)
+        x = scheduler.step(pred, t, x, generator=g).prev_sample if sampler != "ddim" else scheduler.step(pred, t, x).prev_sample
+    return stack.gsvae.unscale_latents(x.float().cpu()).reshape(b, NUM_VIEWS, 4, h, h)

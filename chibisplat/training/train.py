@@ -1,0 +1,393 @@
+"""GSDiff fine-tuning on the latent cache: the multi-view UNet learns, GSRecon and GSVAE stay frozen.
+
+Flat like diffusers' ``train_text_to_image.py``: setup, data, loop, save. One process on a CPU; ``accelerate
+launch -m stages.train`` runs the same code on several GPUs (each rank draws its own micro-batches).
+
+Reproducibility and resume: every random draw of a micro-batch (which objects, timesteps, noise, CFG drop,
+rendering-loss coin) comes from a generator seeded by (seed, step, micro-batch, rank)
+(:func:`~chibisplat.training.objective.step_generator`), not from a data-loader state. A checkpoint
+(``accelerator.save_state``: UNet, optimizer, LR scheduler, EMA, RNG states, plus ``train_state.json``) therefore
+resumes bit-for-bit where the run stopped; ``train.resume: auto`` picks the newest checkpoint whose fingerprint (all
+settings except the step budget and logging/checkpoint cadence) matches, and starts afresh otherwise.
+
+Outputs under ``train.out_dir`` (default ``models/train``):
+
+* ``unet/``: the inference UNet (EMA weights when ``use_ema``; LoRA merged), ``load_mv_unet`` /
+  ``UNet2DConditionModel.from_pretrained`` loadable;
+* ``unet/lora/pytorch_lora_weights.safetensors`` (``mode: lora``): the adapter alone, for
+  ``unet.load_lora_adapter(folder, weight_name="pytorch_lora_weights.safetensors", prefix=None)`` on the base UNet;
+* ``checkpoints/checkpoint-<step>/``: resumable states (at most ``checkpoints_total_limit``);
+
+and dvclive metrics (``metrics.json``, ``plots/metrics/*.tsv``) under ``train.metrics_dir``.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from chibisplat.identity import sha256_json
+from chibisplat.models.sources import load_model_stack
+from chibisplat.training.config import check_keys, resolved_section
+from chibisplat.training.latents import load_latent_set, read_metadata
+from chibisplat.training.objective import (
+    diffusion_step_inputs, noise_scheduler, rendering_loss, sample_batch, step_generator,
+)
+
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+CHECKPOINT_PREFIX = "checkpoint-"
+STATE_FILE = "train_state.json"
+# Settings that may change between a checkpoint and its resume (they do not change the trajectory).
+RESUMABLE_CHANGES = ("max_steps", "checkpointing_steps", "checkpoints_total_limit", "log_every", "resume")
+
+
+class NonFiniteLoss(FloatingPointError):
+    pass
+
+
+@dataclass(frozen=True)
+class TrainParams:
+    latents_dir: str = "data/latents"
+    embeddings: str = "data/embeddings/prompt_embeds.parquet"
+    out_dir: str = "models/train"
+    metrics_dir: str = "metrics/train"
+    seed: int = 0
+    max_steps: int = 240
+    batch_size: int = 2  # objects (x 4 views) per process and micro-batch
+    gradient_accumulation_steps: int = 1
+    mixed_precision: str = "no"  # no | fp16 | bf16 (accelerate)
+    allow_tf32: bool = True
+    mode: str = "lora"  # lora | full
+    lora_rank: int = 4
+    lora_alpha: int = 4
+    lr: float = 1.0e-4
+    lr_scheduler: str = "constant_with_warmup"
+    lr_warmup_steps: int = 0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_weight_decay: float = 0.01
+    adam_epsilon: float = 1.0e-8
+    max_grad_norm: float = 1.0
+    gradient_checkpointing: bool = False
+    use_ema: bool = True
+    ema_decay: float = 0.9999
+    ema_power: float = 0.75  # warm-up 1 - (1 + step)^-power (DiffSplat's MyEMAModel)
+    prediction_type: str = "epsilon"
+    cfg_dropout: float = 0.1  # text -> null embedding (DiffSplat: text dropped with p = 0.10)
+    diffusion_weight: float = 1.0
+    render_weight: float = 1.0
+    rendering_loss_prob: float = 0.0  # DiffSplat: 0 in stage 1, 1 in the "__render" stage
+    lpips_weight: float = 1.0
+    lpips_weights: str | None = None  # local LPIPS-VGG16 file; null: LPIPS term off (logged)
+    rasterizer: str = "auto"  # auto | torch | gsplat
+    finetune_gsrecon: bool = False
+    finetune_gsvae: bool = False
+    checkpointing_steps: int = 50
+    checkpoints_total_limit: int = 2
+    resume: str = "auto"  # auto | never
+    log_every: int = 10
+
+    @staticmethod
+    def from_params(params: dict) -> "TrainParams":
+        d = resolved_section(params, "train")
+        check_keys("train", d, set(TrainParams.__dataclass_fields__))
+        p = TrainParams(**d)
+        if p.mode not in ("lora", "full"):
+            raise ValueError(f"params.yaml train.mode must be 'lora' or 'full', got {p.mode!r}")
+        if p.resume not in ("auto", "never"):
+            raise ValueError(f"params.yaml train.resume must be 'auto' or 'never', got {p.resume!r}")
+        if p.finetune_gsrecon or p.finetune_gsvae:
+            raise NotImplementedError(
+                "params.yaml train.finetune_gsrecon / finetune_gsvae: chibisplat trains GSDiff on cached latents "
+                "(the latents stage), so GSRecon and GSVAE are frozen; fine-tuning them needs image-space training "
+                "(DiffSplat's train_gsrecon.py / train_gsvae.py), which is not implemented here. Set both to false."
+            )
+        if p.checkpointing_steps < 1 or p.max_steps < 1 or p.batch_size < 1:
+            raise ValueError("params.yaml train.max_steps, batch_size and checkpointing_steps must be >= 1")
+        return p
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    resumed_from: int
+    losses: list[float] = field(default_factory=list)  # diffusion loss of the steps run in this call
+    final_dir: Path | None = None
+
+
+def fingerprint(params: TrainParams, models_cfg: dict, latents_dir: Path) -> str:
+    """Identity of a training trajectory: settings (except :data:`RESUMABLE_CHANGES`), models, latent files."""
+    keys = sorted(read_metadata(p)["cache_key"] for p in sorted((latents_dir / "train").glob("*.safetensors")))
+    settings = {k: v for k, v in asdict(params).items() if k not in RESUMABLE_CHANGES + ("metrics_dir", "out_dir")}
+    return sha256_json({"train": settings, "models": models_cfg, "latents": keys})
+
+
+def checkpoints(ckpt_root: Path) -> list[Path]:
+    """Complete checkpoints (those with a state file), oldest first."""
+    found = [p for p in ckpt_root.glob(f"{CHECKPOINT_PREFIX}*") if (p / STATE_FILE).is_file()]
+    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
+
+
+def _truncate_live_tsv(metrics_dir: Path, last_step: int) -> None:
+    """Drop per-step rows logged after the checkpoint we resume from (a killed run logged them)."""
+    for tsv in (metrics_dir / "plots" / "metrics").rglob("*.tsv"):
+        with open(tsv, newline="") as f:
+            rows = list(csv.reader(f, delimiter="\t"))
+        if not rows:
+            continue
+        step_col = rows[0].index("step") if "step" in rows[0] else 1
+        kept = [rows[0]] + [r for r in rows[1:] if int(r[step_col]) <= last_step]
+        with open(tsv, "w", newline="") as f:
+            csv.writer(f, delimiter="\t", lineterminator="\n").writerows(kept)
+
+
+def merged_unet(unet, lora: bool):
+    """A plain UNet copy with any LoRA adapter fused into the base weights."""
+    out = copy.deepcopy(unet)
+    if lora:
+        out.fuse_lora()
+        out.unload_lora()
+    return out
+
+
+def training_step(unet, batch, inputs, scheduler, gsvae, lpips, params: TrainParams, render: bool) -> dict:
+    """Loss of one micro-batch: diffusion MSE per object (+ the rendering loss on ``render`` micro-batches)."""
+    pred = unet(
+        inputs["unet_input"], inputs["timesteps"], inputs["encoder_hidden_states"],
+        cross_attention_kwargs={"num_views": 4},
+    ).sample
+    diffusion = F.mse_loss(pred.float(), inputs["target"].float())
+    out = {"diffusion_loss": diffusion, "loss": params.diffusion_weight * diffusion}
+    if render:
+        r = rendering_loss(pred, inputs, batch, scheduler, gsvae, lpips, params.lpips_weight, params.rasterizer)
+        out.update(r)
+        out["loss"] = out["loss"] + params.render_weight * r["render_loss"]
+    return out
+
+
+def train(params: TrainParams, models_cfg: dict, log=print) -> TrainResult:
+    """Run (or resume) the fine-tuning described by ``params``; see the module docstring."""
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+    from diffusers.optimization import get_scheduler
+    from diffusers.training_utils import EMAModel
+    from dvclive import Live
+
+    out_dir, metrics_dir, latents_dir = Path(params.out_dir), Path(params.metrics_dir), Path(params.latents_dir)
+    ckpt_root = out_dir / "checkpoints"
+    accelerator = Accelerator(
+        mixed_precision=params.mixed_precision,
+        gradient_accumulation_steps=params.gradient_accumulation_steps,
+        log_with=None,
+        project_config=ProjectConfiguration(project_dir=str(out_dir)),
+    )
+    device, rank, main = accelerator.device, accelerator.process_index, accelerator.is_main_process
+    if params.allow_tf32 and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+    # --- data and models
+    data = load_latent_set(latents_dir, "train", Path(params.embeddings))
+    stack = load_model_stack(models_cfg)
+    scheduler = noise_scheduler(stack, params.prediction_type)
+    gsvae = stack.gsvae.to(device).requires_grad_(False).eval()
+    unet = stack.unet.requires_grad_(False)
+    lora = params.mode == "lora"
+    torch.manual_seed(params.seed)  # LoRA's gaussian init
+    if lora:
+        from peft import LoraConfig
+
+        unet.add_adapter(LoraConfig(r=params.lora_rank, lora_alpha=params.lora_alpha, init_lora_weights="gaussian",
+                                    target_modules=LORA_TARGETS))
+    else:
+        unet.requires_grad_(True)
+    if params.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    unet.train()
+    trainable = [p for p in unet.parameters() if p.requires_grad]
+    for p in trainable:  # train in fp32 under fp16/bf16 autocast (diffusers' cast_training_params)
+        p.data = p.data.float()
+    lpips = None
+    render_on = params.rendering_loss_prob > 0 and params.render_weight > 0
+    if render_on and params.lpips_weight > 0:
+        if params.lpips_weights:
+            from chibisplat.training.lpips import load_lpips
+
+            lpips = load_lpips(params.lpips_weights, device)
+        elif main:
+            log("train: LPIPS weight 0: no train.lpips_weights configured (rendering loss = image MSE + mask MSE)")
+
+    optimizer = torch.optim.AdamW(trainable, lr=params.lr, betas=(params.adam_beta1, params.adam_beta2),
+                                  weight_decay=params.adam_weight_decay, eps=params.adam_epsilon)
+    lr_scheduler = get_scheduler(params.lr_scheduler, optimizer,
+                                 num_warmup_steps=params.lr_warmup_steps * accelerator.num_processes,
+                                 num_training_steps=params.max_steps * accelerator.num_processes)
+    unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
+    ema = None
+    if params.use_ema:
+        ema = EMAModel(trainable, decay=params.ema_decay, use_ema_warmup=True, inv_gamma=1.0, power=params.ema_power)
+        accelerator.register_for_checkpointing(ema)
+
+    # --- resume
+    fp = fingerprint(params, models_cfg, latents_dir)
+    start = 0
+    found = checkpoints(ckpt_root) if params.resume == "auto" else []
+    states = {c: json.loads((c / STATE_FILE).read_text()) for c in found}
+    usable = [c for c in found if states[c].get("fingerprint") == fp and states[c]["step"] <= params.max_steps]
+    if usable:
+        accelerator.load_state(str(usable[-1]))
+        start = states[usable[-1]]["step"]
+        log(f"train: resumed from {usable[-1]} (step {start})")
+    elif ckpt_root.exists():
+        if found and main:
+            log(f"train: {len(found)} checkpoint(s) in {ckpt_root} belong to other settings, data or a longer run; "
+                "starting afresh")
+        if main:
+            shutil.rmtree(ckpt_root)
+    if ema is not None:
+        ema.to(device)
+    accelerator.wait_for_everyone()
+
+    live = None
+    if main:
+        if start:
+            _truncate_live_tsv(metrics_dir, start)
+        live = Live(dir=str(metrics_dir), resume=bool(start), report=None, save_dvc_exp=False, dvcyaml=False)
+        log(f"train: {len(data)} objects ({len(set(data.uids))} characters x view sets), mode {params.mode}, "
+            f"{sum(p.numel() for p in trainable):,} trainable / {sum(p.numel() for p in unet.parameters()):,} UNet "
+            f"parameters, {params.max_steps} steps, batch {params.batch_size} x {accelerator.num_processes} "
+            f"process(es) x {params.gradient_accumulation_steps} accumulation, device {device}")
+
+    null_embed = data.null_embed
+    result = TrainResult(steps=start, resumed_from=start)
+    step, t_last, s_last = start, time.perf_counter(), start
+    while step < params.max_steps:
+        logs: dict[str, float] = {}
+        for micro in range(params.gradient_accumulation_steps):
+            g = step_generator(params.seed, step, micro, rank)
+            batch = sample_batch(data, params.batch_size, g)
+            inputs = diffusion_step_inputs(batch, scheduler, gsvae.scale_latents, null_embed, params.cfg_dropout,
+                                           data.resolution, g)
+            render = render_on and bool(torch.rand(1, generator=g) < params.rendering_loss_prob)
+            inputs = {k: v.to(device) for k, v in inputs.items()}
+            with accelerator.accumulate(unet), accelerator.autocast():
+                losses = training_step(unet, batch, inputs, scheduler, gsvae, lpips, params, render)
+                loss = losses["loss"]
+                if not torch.isfinite(loss.detach()).all():
+                    ckpts = checkpoints(ckpt_root)
+                    last = ckpts[-1] if ckpts else None
+                    raise NonFiniteLoss(
+                        f"train: step {step + 1}: the loss is {loss.item()} (diffusion "
+                        f"{losses['diffusion_loss'].item()}); training stopped without saving. Last good checkpoint: "
+                        f"{last or 'none'} (kept; train.resume: auto resumes from it). Lower train.lr, check the "
+                        f"latents in {latents_dir} for NaN/inf, or use mixed_precision: bf16/no."
+                    )
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and params.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(trainable, params.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            for k, v in losses.items():
+                logs[k] = logs.get(k, 0.0) + v.detach().float().item() / params.gradient_accumulation_steps
+        step += 1
+        if ema is not None:
+            ema.step(trainable)
+        result.losses.append(logs["diffusion_loss"])
+        if live is not None:
+            live.step = step
+            live.log_metric("train/loss", logs["loss"])
+            live.log_metric("train/diffusion_loss", logs["diffusion_loss"])
+            live.log_metric("train/render_loss", logs.get("render_loss", float("nan")) if render_on else 0.0)
+            live.log_metric("train/lr", lr_scheduler.get_last_lr()[0])
+            live.next_step()
+        if main and (step % params.log_every == 0 or step == params.max_steps):
+            now = time.perf_counter()
+            sps = (step - s_last) / max(now - t_last, 1e-9)
+            t_last, s_last = now, step
+            extra = f" render {logs['render_loss']:.4f}" if "render_loss" in logs else ""
+            log(f"train: step {step}/{params.max_steps} loss {logs['loss']:.4f} (diffusion "
+                f"{logs['diffusion_loss']:.4f}{extra}) lr {lr_scheduler.get_last_lr()[0]:.2e} {sps:.2f} steps/s")
+        if step % params.checkpointing_steps == 0 or step == params.max_steps:
+            _save_checkpoint(accelerator, ckpt_root, step, fp, params.checkpoints_total_limit, log)
+
+    accelerator.wait_for_everyone()
+    result.steps = step
+    if main:
+        result.final_dir = _save_final(accelerator.unwrap_model(unet), ema, trainable, lora, out_dir, log)
+        if live is not None:
+            n = len(result.losses)
+            k = max(1, n // 10)
+            summary = live.summary.setdefault("train", {})
+            if n:
+                summary["diffusion_loss_first10pct"] = sum(result.losses[:k]) / k
+                summary["diffusion_loss_last10pct"] = sum(result.losses[-k:]) / k
+            summary["steps"] = step
+            live.make_summary()
+            live.end()
+    accelerator.end_training()
+    return result
+
+
+def _save_checkpoint(accelerator, ckpt_root: Path, step: int, fp: str, limit: int, log) -> None:
+    """``save_state`` into a temporary folder, renamed when complete, then the oldest beyond ``limit`` removed."""
+    final = ckpt_root / f"{CHECKPOINT_PREFIX}{step:06d}"
+    tmp = ckpt_root / f".tmp-{CHECKPOINT_PREFIX}{step:06d}"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        ckpt_root.mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (tmp / STATE_FILE).write_text(json.dumps({"step": step, "fingerprint": fp}))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        for old in checkpoints(ckpt_root)[: max(0, len(checkpoints(ckpt_root)) - max(1, limit))]:
+            shutil.rmtree(old)
+        log(f"train: checkpoint {final}")
+    accelerator.wait_for_everyone()
+
+
+def _save_final(unet, ema, trainable, lora: bool, out_dir: Path, log) -> Path:
+    if ema is not None:  # inference uses the EMA weights (DiffSplat's unet_ema)
+        ema.store(trainable)
+        ema.copy_to(trainable)
+    try:
+        shutil.rmtree(out_dir / "unet", ignore_errors=True)
+        merged = merged_unet(unet, lora)
+        merged.save_pretrained(str(out_dir / "unet"))
+        if lora:
+            unet.save_lora_adapter(str(out_dir / "unet" / "lora"))
+    finally:
+        if ema is not None:
+            ema.restore(trainable)
+    log(f"train: final UNet in {out_dir / 'unet'}" + (f", LoRA adapter in {out_dir / 'unet' / 'lora'}" if lora else ""))
+    return out_dir / "unet"
+
+
+def parameter_counts(unet, mode: str, lora_rank: int = 4, lora_alpha: int = 4) -> tuple[int, int]:
+    """(trainable, total) parameters of ``unet`` trained with ``mode`` (adds the LoRA adapter in place)."""
+    unet.requires_grad_(False)
+    if mode == "lora":
+        from peft import LoraConfig
+
+        unet.add_adapter(LoraConfig(r=lora_rank, lora_alpha=lora_alpha, init_lora_weights="gaussian",
+                                    target_modules=LORA_TARGETS))
+    else:
+        unet.requires_grad_(True)
+    params = list(unet.parameters())
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
+__all__ = ["NonFiniteLoss", "TrainParams", "TrainResult", "train", "training_step", "parameter_counts", "math"]
