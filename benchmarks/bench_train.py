@@ -1,7 +1,8 @@
-"""Training-side benchmark (CPU, tiny models): steps/s with the latent cache vs encoding every step, and LoRA vs
-full fine-tuning size for the tiny UNet and the full-size SD1.5 multi-view UNet (on the meta device: no memory).
+"""Training-side benchmark (CPU, tiny models): steps/s with the latent cache vs encoding every step, LoRA vs
+full fine-tuning size for the tiny UNet and the full-size SD1.5 multi-view UNet (on the meta device: no memory),
+and seconds per GSRecon / GSVAE fine-tuning step (the optional finetune stage) at 64 and 128 px.
 
-    .venv/bin/python benchmarks/bench_train.py [--steps 5] [--resolution 128]
+    .venv/bin/python benchmarks/bench_train.py [--steps 5] [--resolution 128] [--finetune-steps 2]
 """
 
 from __future__ import annotations
@@ -68,6 +69,34 @@ def bench_steps(steps: int, resolution: int) -> tuple[float, float]:
     return cached, uncached
 
 
+def bench_finetune(steps: int, resolution: int) -> dict[str, float]:
+    """Seconds per fine-tuning step (batch 1 object, 8 rendered views at ``resolution``) on data/packed."""
+    from chibisplat.training.finetune import FinetuneParams, gsrecon_step_loss, gsvae_step_loss, object_batches
+
+    p = FinetuneParams(packed_dir=str(REPO / "data/packed"), resolution=resolution, render_resolution=resolution,
+                       rasterizer="torch")
+    stack = tiny_model_stack(0)
+    batches = object_batches(p)
+    out = {}
+    for name, module, loss in (
+        ("gsrecon", stack.gsrecon, lambda b: gsrecon_step_loss(stack, b, p, None)),
+        ("gsvae", stack.gsvae.vae, lambda b: gsvae_step_loss(stack, b, p, None, tiny=False)),
+    ):
+        module.train().requires_grad_(True)
+        opt = torch.optim.AdamW(module.parameters(), 1e-4)
+        times = []
+        for s in range(steps + 1):  # the first is a warm-up
+            b = next(batches)
+            t = time.perf_counter()
+            loss(b)["loss"].backward()
+            opt.step()
+            opt.zero_grad()
+            times.append(time.perf_counter() - t)
+        module.requires_grad_(False).eval()
+        out[name] = sum(times[1:]) / steps
+    return out
+
+
 def sizes(unet_factory, rank: int = 4) -> list[tuple[str, int, int, float]]:
     rows = []
     for mode in ("lora", "full"):
@@ -82,6 +111,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--resolution", type=int, default=128)
+    parser.add_argument("--finetune-steps", type=int, default=2)
     args = parser.parse_args()
     torch.manual_seed(0)
     random.seed(0)
@@ -96,6 +126,12 @@ def main() -> None:
     for name, factory in (("tiny", lambda: tiny_model_stack(0).unet), ("SD1.5 size (meta)", lambda: build_full_size_empty()["unet"])):
         for mode, trainable, total, mib in sizes(factory):
             print(f"| {name} | {mode} | {trainable:,} | {total:,} | {mib:,.0f} |")
+    print("\nOptional finetune stage (tiny models, CPU rasterizer): seconds per step, 1 object, 4 input views "
+          "-> 8 rendered views")
+    print("| resolution | GSRecon step s | GSVAE step s |\n|---|---|---|")
+    for res in (64, 128):
+        t = bench_finetune(args.finetune_steps, res)
+        print(f"| {res} | {t['gsrecon']:.2f} | {t['gsvae']:.2f} |")
 
 
 if __name__ == "__main__":

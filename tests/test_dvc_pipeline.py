@@ -35,7 +35,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
 DVC = str(VENV_BIN / "dvc")
-UPSTREAM = ("render", "pack", "embed", "latents")  # stages a train parameter must never re-run
+UPSTREAM = ("render", "pack", "embed", "finetune", "latents")  # stages a train parameter must never re-run
 
 GIT_ENV = {
     "GIT_AUTHOR_NAME": "chibisplat test",
@@ -318,7 +318,9 @@ def _train_param(repo: Path) -> tuple[str, float] | None:
     params = yaml.safe_load((repo / "params.yaml").read_text())
     train = params.get("train") or {}
     source = (params.get("models") or {}).get("source", "tiny")
-    lr = train.get("lr", ((train.get("presets") or {}).get(source) or {}).get("lr"))
+    lr = train.get("lr")
+    if lr is None:  # null: the preset's value
+        lr = ((train.get("presets") or {}).get(source) or {}).get("lr")
     return ("train.lr", float(lr)) if isinstance(lr, (int, float)) else None
 
 
@@ -384,7 +386,8 @@ def test_experiments_run_and_queued_sweep_show_their_params_and_metrics(built):
     key, values = _exp_param(built)
     # Target `train` (its metrics are the experiment's): evaluate/generate would only add minutes here.
     targets = ["train"] if key == "train.lr" else []
-    out = dvc("exp", "run", *targets, "-n", "exp-one", "-S", f"++{key}={values[0]}", cwd=repo, timeout=600, check=False)
+    # The key exists in params.yaml (train.lr: null = the preset's value), so plain `-S key=value` works.
+    out = dvc("exp", "run", *targets, "-n", "exp-one", "-S", f"{key}={values[0]}", cwd=repo, timeout=600, check=False)
     if out.returncode and "mixed_precision mode: False" in out.stdout + out.stderr:
         pytest.fail("`dvc exp run -S` rewrites params.yaml with ruamel (YAML 1.2) and drops the quotes of "
                     "`mixed_precision: \"no\"`; chibisplat/params.py reads it with PyYAML (YAML 1.1) as False. "
@@ -433,6 +436,7 @@ def test_experiments_run_and_queued_sweep_show_their_params_and_metrics(built):
 def test_changed_fbx_rerenders_one_character_rewrites_one_shard_pushes_only_changes(built):
     repo, remote = built["repo"], built["remote"]
     assets = repo / "data" / "assets"
+    dvc("push", cwd=repo, timeout=600)  # earlier tests (train.lr, experiments) made outputs of their own: push them first
     before_shards = shard_state(repo)
     before_remote = files_under(remote)
     cat_files = len(files_under(repo / "data" / "renders" / "cat_girl"))

@@ -79,7 +79,9 @@ def test_presets_follow_models_source_and_explicit_keys_win():
     from chibisplat.training.train import TrainParams
 
     params = yaml.safe_load((REPO / "params.yaml").read_text())
+    assert params["train"]["lr"] is None  # declared (null = the preset's value) so `-S train.lr=...` finds the key
     tiny = TrainParams.from_params(params)
+    assert tiny.lr == params["train"]["presets"]["tiny"]["lr"]
     params["models"]["source"] = "pretrained"
     pre = TrainParams.from_params(params)
     assert (tiny.mode, pre.mode) == ("full", "lora") and pre.mixed_precision == "fp16" and pre.batch_size == 8
@@ -89,12 +91,12 @@ def test_presets_follow_models_source_and_explicit_keys_win():
     assert resolved_section(params, "latents")["resolution"] == 256
 
 
-def test_finetuning_frozen_models_is_a_clear_error():
+def test_old_finetune_switches_in_train_point_to_the_finetune_stage():
     from chibisplat.training.train import TrainParams
 
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["train"]["finetune_gsvae"] = True
-    with pytest.raises(NotImplementedError, match="finetune_gsrecon / finetune_gsvae"):
+    with pytest.raises(KeyError, match="finetune.gsrecon / finetune.gsvae"):
         TrainParams.from_params(params)
 
 

@@ -202,7 +202,7 @@ class PackedViewsDataset(IterableDataset):
 
     Args:
         files: the shard files (``chibisplat.dataset.pack.packed_files(packed_dir, "train")``).
-        embeddings: ``prompt_embeds.parquet``.
+        embeddings: ``prompt_embeds.parquet``; ``None``: objects carry no ``prompt_embed`` (GSRecon/GSVAE training).
         config: view sampling and resolution.
         rank, world_size: this process among the training processes (``accelerator.process_index`` and
             ``accelerator.num_processes``). Hand the DataLoader to accelerate with ``dispatch_batches=False`` and
@@ -215,7 +215,7 @@ class PackedViewsDataset(IterableDataset):
     def __init__(
         self,
         files: list[Path],
-        embeddings: Path,
+        embeddings: Path | None,
         config: ViewConfig = ViewConfig(),
         *,
         rank: int = 0,
@@ -231,7 +231,7 @@ class PackedViewsDataset(IterableDataset):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
         self.units = row_groups(files)
-        self.embeddings_path = Path(embeddings)
+        self.embeddings_path = Path(embeddings) if embeddings is not None else None
         self.config = config
         self.rank, self.world_size = rank, world_size
         self.seed, self.shuffle, self.shuffle_buffer, self.repeat = seed, shuffle, max(1, shuffle_buffer), repeat
@@ -314,7 +314,8 @@ class PackedViewsDataset(IterableDataset):
             )
         except ValueError as e:
             raise ValueError(f"character {row[schema.UID]}: {e}; re-render and re-pack it") from None
-        out["prompt_embed"] = self.embeddings[row[schema.CAPTION]]
+        if self.embeddings_path is not None:
+            out["prompt_embed"] = self.embeddings[row[schema.CAPTION]]
         out["uid"] = row[schema.UID]
         out["caption"] = row[schema.CAPTION]
         return out

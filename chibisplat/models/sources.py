@@ -17,6 +17,7 @@ file is looked up in the Hugging Face cache at the pinned revision with ``local_
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -154,13 +155,47 @@ def sd15_mv_unet(models_cfg: dict, image_conditioned: bool = False) -> UNet2DCon
 
 
 def load_model_stack(models_cfg: dict) -> ModelStack:
-    """Build the stack params.yaml's ``models:`` section asks for."""
+    """Build the stack params.yaml's ``models:`` section asks for.
+
+    ``models.finetuned`` (e.g. ``models/finetune``, the finetune stage's output): its fine-tuned GSRecon and/or
+    GSVAE replace the base ones when its manifest lists them; ``null`` or a missing folder keeps the base.
+    """
     source = models_cfg.get("source", "tiny")
     if source == "tiny":
-        return tiny_model_stack(int(models_cfg.get("seed", 0)), bool(models_cfg.get("image_conditioned", False)))
-    if source == "pretrained":
-        return pretrained_model_stack(models_cfg)
-    raise ValueError(f"models.source must be 'tiny' or 'pretrained', got {source!r} (params.yaml)")
+        stack = tiny_model_stack(int(models_cfg.get("seed", 0)), bool(models_cfg.get("image_conditioned", False)))
+    elif source == "pretrained":
+        stack = pretrained_model_stack(models_cfg)
+    else:
+        raise ValueError(f"models.source must be 'tiny' or 'pretrained', got {source!r} (params.yaml)")
+    if models_cfg.get("finetuned"):
+        apply_finetuned(stack, Path(models_cfg["finetuned"]), models_cfg)
+    return stack
+
+
+FINETUNE_BASE_KEYS = ("source", "seed", "image_conditioned", "sd15", "diffsplat")
+
+
+def apply_finetuned(stack: ModelStack, folder: Path, models_cfg: dict) -> list[str]:
+    """Swap in the fine-tuned modules listed by ``folder/manifest.json``; returns their names."""
+    manifest_path = folder / "manifest.json"
+    if not manifest_path.is_file():
+        return []
+    manifest = json.loads(manifest_path.read_text())
+    wanted = {k: models_cfg.get(k) for k in FINETUNE_BASE_KEYS}
+    swapped = [m for m in ("gsrecon", "gsvae") if manifest.get(m)]
+    if swapped and manifest.get("base") != wanted:
+        raise ModelSourceError(
+            f"{folder}: GSRecon/GSVAE were fine-tuned from other base models ({manifest.get('base')}) than params.yaml "
+            f"models: asks for ({wanted}); re-run the finetune stage (dvc repro finetune) or set models.finetuned: null"
+        )
+    for name in swapped:
+        path = folder / manifest[name]
+        cls = GSRecon if name == "gsrecon" else GSAutoencoderKL
+        if not (path / "config.json").is_file():
+            raise ModelSourceError(f"{path}: fine-tuned {name} listed in {manifest_path} is missing; re-run "
+                                   "`dvc repro finetune` (or `dvc pull models/finetune`)")
+        setattr(stack, name, cls.from_pretrained(str(path)).eval())
+    return swapped
 
 
 def build_full_size_empty() -> dict:

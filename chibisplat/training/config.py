@@ -9,7 +9,7 @@ it, so ``dvc exp run -S models.source=pretrained`` switches every default at onc
       presets:
         tiny:       {lr: 1.0e-3, max_steps: 240}
         pretrained: {lr: 1.0e-4, max_steps: 13020}
-      lr: 2.0e-4        # explicit: wins over both presets
+      lr: 2.0e-4        # explicit: wins over both presets (null: the preset's value)
 """
 
 from __future__ import annotations
@@ -40,7 +40,11 @@ def resolved_section(params: dict, name: str) -> dict:
     source = model_source(params)
     if presets and source not in presets:
         raise KeyError(f"params.yaml {name}.presets has no '{source}' preset (models.source); add one")
-    return deep_merge(presets.get(source, {}), section)
+    preset = presets.get(source, {})
+    # An explicit null for a key the preset defines means "the preset's value": params.yaml declares the keys people
+    # sweep (train.lr, ...) as null so that `dvc exp run -S train.lr=3e-4` finds an existing key to override.
+    section = {k: v for k, v in section.items() if not (v is None and k in preset)}
+    return deep_merge(preset, section)
 
 
 def check_keys(section: str, values: dict, known: set[str]) -> None:

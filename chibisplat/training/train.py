@@ -1,5 +1,8 @@
 """GSDiff fine-tuning on the latent cache: the multi-view UNet learns, GSRecon and GSVAE stay frozen.
 
+(To adapt GSRecon / GSVAE too, the ``finetune`` stage trains them in image space *before* the latents are
+computed: :mod:`chibisplat.training.finetune`.)
+
 Flat like diffusers' ``train_text_to_image.py``: setup, data, loop, save. One process on a CPU; ``accelerate
 launch -m stages.train`` runs the same code on several GPUs (each rank draws its own micro-batches).
 
@@ -90,8 +93,6 @@ class TrainParams:
     lpips_weight: float = 1.0
     lpips_weights: str | None = None  # local LPIPS-VGG16 file; null: LPIPS term off (logged)
     rasterizer: str = "auto"  # auto | torch | gsplat
-    finetune_gsrecon: bool = False
-    finetune_gsvae: bool = False
     checkpointing_steps: int = 50
     checkpoints_total_limit: int = 2
     resume: str = "auto"  # auto | never
@@ -100,18 +101,17 @@ class TrainParams:
     @staticmethod
     def from_params(params: dict) -> "TrainParams":
         d = resolved_section(params, "train")
+        moved = sorted({"finetune_gsrecon", "finetune_gsvae"} & set(d))
+        if moved:
+            raise KeyError(f"params.yaml train.{moved[0]} moved: GSRecon/GSVAE fine-tuning is its own stage, switched "
+                           "by finetune.gsrecon / finetune.gsvae (chibisplat/training/finetune.py); remove "
+                           f"{', '.join('train.' + m for m in moved)}")
         check_keys("train", d, set(TrainParams.__dataclass_fields__))
         p = TrainParams(**d)
         if p.mode not in ("lora", "full"):
             raise ValueError(f"params.yaml train.mode must be 'lora' or 'full', got {p.mode!r}")
         if p.resume not in ("auto", "never"):
             raise ValueError(f"params.yaml train.resume must be 'auto' or 'never', got {p.resume!r}")
-        if p.finetune_gsrecon or p.finetune_gsvae:
-            raise NotImplementedError(
-                "params.yaml train.finetune_gsrecon / finetune_gsvae: chibisplat trains GSDiff on cached latents "
-                "(the latents stage), so GSRecon and GSVAE are frozen; fine-tuning them needs image-space training "
-                "(DiffSplat's train_gsrecon.py / train_gsvae.py), which is not implemented here. Set both to false."
-            )
         if p.checkpointing_steps < 1 or p.max_steps < 1 or p.batch_size < 1:
             raise ValueError("params.yaml train.max_steps, batch_size and checkpointing_steps must be >= 1")
         return p

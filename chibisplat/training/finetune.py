@@ -1,0 +1,382 @@
+"""Optional GSRecon / GSVAE fine-tuning on the packed chibi views (DiffSplat's stages 1 and 2, reference §2-§3).
+
+GSDiff trains on cached latents, so GSRecon and GSVAE are frozen while the UNet trains. When the published
+reconstructor or autoencoder should adapt to the chibi domain first, this module fine-tunes them **in image
+space**, before the latents are computed, with the published objectives:
+
+* **GSRecon** (``finetune.gsrecon: true``): 4 even input views (RGB, normal, coordinate + Plücker) -> splatter
+  images -> Gaussians rendered into all 8 views (4 inputs + 4 others), white background;
+  ``loss = MSE(image) + MSE(mask vs alpha) + lpips_weight * LPIPS`` (LPIPS only with local weights).
+* **GSVAE** (``finetune.gsvae: true``): the (fine-tuned, then frozen) GSRecon's splatter images -> GSVAE encode
+  (posterior sample) -> full decoder; ``loss = latent_weight * MSE(splatter, decoded) + render_weight *
+  rendering loss of the decoded Gaussians``; no KL term (DiffSplat issues #13/#18). Stage A trains ``vae``
+  (encoder + decoder); with ``gsvae_tiny_decoder_steps > 0`` stage B then trains only the tiny decoder (used by
+  GSDiff's rendering loss) on latents of the frozen, fine-tuned ``vae``.
+
+Outputs in ``finetune.out_dir`` (default ``models/finetune``), written into a temporary folder and swapped in
+when complete: ``manifest.json`` (fingerprint, base models, which modules were fine-tuned, final losses) and
+``gsrecon/`` / ``gsvae/`` ``save_pretrained`` folders. ``load_model_stack`` applies them when
+``models.finetuned`` names that folder, so the latents, train, evaluate and generate stages (and the CLI) use
+the fine-tuned modules, and the latents cache re-encodes because the weights' hash changed.
+
+With both switches off (the default) the stage only writes a manifest that says so. An unchanged fingerprint
+(settings, base models and the train split's source/render hashes, not its captions) skips the work, so a
+re-captioned character does not re-train GSRecon.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import torch
+import torch.nn.functional as F
+
+from chibisplat.dataset import schema
+from chibisplat.dataset.loader import PackedViewsDataset, ViewConfig
+from chibisplat.dataset.pack import packed_files
+from chibisplat.identity import sha256_json
+from chibisplat.models.sources import FINETUNE_BASE_KEYS
+from chibisplat.training.config import check_keys, resolved_section
+
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 1
+NUM_INPUT_VIEWS = 4
+# Settings that do not change the result (excluded from the fingerprint).
+COSMETIC = ("out_dir", "metrics_dir", "log_every", "packed_dir")
+
+
+class NonFiniteLoss(FloatingPointError):
+    pass
+
+
+@dataclass(frozen=True)
+class FinetuneParams:
+    gsrecon: bool = False
+    gsvae: bool = False
+    packed_dir: str = "data/packed"
+    out_dir: str = "models/finetune"
+    metrics_dir: str = "metrics/finetune"
+    seed: int = 0
+    resolution: int = 256  # GSRecon input / splatter image size (use latents.resolution)
+    render_resolution: int = 256  # rendering-loss resolution (DiffSplat: 256)
+    batch_size: int = 1  # objects per step
+    gsrecon_steps: int = 1000
+    gsrecon_lr: float = 4.0e-5
+    gsvae_steps: int = 1000
+    gsvae_lr: float = 4.0e-5
+    gsvae_tiny_decoder_steps: int = 0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_weight_decay: float = 0.05
+    lr_scheduler: str = "cosine"
+    lr_warmup_steps: int = 0
+    max_grad_norm: float = 1.0
+    mixed_precision: str = "no"
+    gradient_checkpointing: bool = False
+    latent_weight: float = 1.0  # GSVAE: MSE(splatter, decoded)
+    render_weight: float = 1.0
+    lpips_weight: float = 1.0
+    lpips_weights: str | None = None  # local LPIPS-VGG16 weights; null: LPIPS term 0 (logged)
+    rasterizer: str = "auto"
+    log_every: int = 10
+
+    @staticmethod
+    def from_params(params: dict) -> "FinetuneParams":
+        d = resolved_section(params, "finetune")
+        check_keys("finetune", d, set(FinetuneParams.__dataclass_fields__))
+        p = FinetuneParams(**d)
+        if p.resolution % 8 or p.resolution < 16:
+            raise ValueError(f"params.yaml finetune.resolution must be a multiple of 8 (GSRecon patch and VAE x8), "
+                             f"got {p.resolution}")
+        if p.batch_size < 1 or min(p.gsrecon_steps, p.gsvae_steps, p.gsvae_tiny_decoder_steps) < 0:
+            raise ValueError("params.yaml finetune: batch_size must be >= 1 and the *_steps >= 0")
+        return p
+
+    @property
+    def enabled(self) -> bool:
+        return (self.gsrecon and self.gsrecon_steps > 0) or (
+            self.gsvae and (self.gsvae_steps > 0 or self.gsvae_tiny_decoder_steps > 0))
+
+
+@dataclass
+class FinetuneResult:
+    skipped: bool
+    losses: dict[str, list[float]] = field(default_factory=dict)  # phase -> loss per step
+    out_dir: Path | None = None
+
+
+def base_models(models_cfg: dict) -> dict:
+    return {k: models_cfg.get(k) for k in FINETUNE_BASE_KEYS}
+
+
+def train_split_identity(packed_dir: Path) -> list[list[str]]:
+    """(uid, source_sha256, render_config_sha256) of every train character: what the fine-tune sees (no captions)."""
+    out = []
+    for shard in packed_files(packed_dir, "train"):
+        t = pq.read_table(shard, columns=[schema.UID, schema.SOURCE_SHA256, schema.RENDER_CONFIG_SHA256])
+        out += [list(r) for r in zip(*(t.column(c).to_pylist() for c in t.column_names))]
+    return sorted(out)
+
+
+def fingerprint(params: FinetuneParams, models_cfg: dict) -> str:
+    if not params.enabled:
+        return sha256_json({"format": FORMAT_VERSION, "enabled": False})
+    settings = {k: v for k, v in asdict(params).items() if k not in COSMETIC}
+    return sha256_json({"format": FORMAT_VERSION, "settings": settings, "base": base_models(models_cfg),
+                        "data": train_split_identity(Path(params.packed_dir))})
+
+
+def read_manifest(out_dir: Path) -> dict | None:
+    path = Path(out_dir) / MANIFEST
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Data and losses.
+
+
+def object_batches(params: FinetuneParams):
+    """Endless batches of B objects from the train split: 8 views each (4 even inputs + 4 others)."""
+    files = packed_files(Path(params.packed_dir), "train")
+    if not files:
+        raise FileNotFoundError(f"{params.packed_dir}/train: no packed shards; run the pack stage (dvc repro pack)")
+    data = PackedViewsDataset(files, None, ViewConfig(resolution=params.resolution), seed=params.seed, repeat=True,
+                              shuffle_buffer=8)
+    keys = ("image", "mask", "normal", "coord", "C2W", "fxfycxcy")
+    batch: list[dict] = []
+    for obj in data:
+        batch.append(obj)
+        if len(batch) == params.batch_size:
+            yield {k: torch.stack([o[k] for o in batch]).float() for k in keys} | {"uid": [o["uid"] for o in batch]}
+            batch = []
+
+
+def _to(batch: dict, device) -> dict:
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def gsrecon_splatter(gsrecon, batch: dict) -> torch.Tensor:
+    """The 4 input views of B objects -> splatter images (B, 4, 12, R, R)."""
+    from chibisplat.splats.splatter import to_splatter_image
+
+    v = NUM_INPUT_VIEWS
+    images = torch.cat([batch["image"][:, :v], batch["normal"][:, :v], batch["coord"][:, :v]], dim=2)
+    return to_splatter_image(gsrecon(images, batch["C2W"][:, :v], batch["fxfycxcy"][:, :v]))
+
+
+def render_loss(splatter: torch.Tensor, batch: dict, res: int, lpips, lpips_weight: float, backend: str) -> dict:
+    """Render B objects' splatter images into their 8 views; image MSE + mask MSE (+ LPIPS) against the truth."""
+    from chibisplat.training.objective import render_objects
+
+    image, alpha = render_objects(splatter, batch["C2W"], batch["fxfycxcy"], res, backend)
+    gt_rgb, gt_mask = batch["image"], batch["mask"]
+    if gt_rgb.shape[-1] != res:
+        b, v = gt_rgb.shape[:2]
+        resize = lambda x: F.interpolate(x.flatten(0, 1), size=(res, res), mode="bilinear", align_corners=False,
+                                         antialias=True).unflatten(0, (b, v))
+        gt_rgb, gt_mask = resize(gt_rgb), resize(gt_mask)
+    image_mse = F.mse_loss(image, gt_rgb)
+    mask_mse = F.mse_loss(alpha, gt_mask)
+    loss = image_mse + mask_mse
+    out = {"image_mse": image_mse, "mask_mse": mask_mse}
+    if lpips is not None and lpips_weight > 0:
+        lp = lpips(image.flatten(0, 1), gt_rgb.flatten(0, 1)).mean()
+        loss = loss + lpips_weight * lp
+        out["lpips"] = lp
+    out["render_loss"] = loss
+    out["psnr"] = -10.0 * torch.log10(image_mse.detach().clamp_min(1e-10))
+    return out
+
+
+def gsrecon_step_loss(stack, batch, params: FinetuneParams, lpips) -> dict:
+    splatter = gsrecon_splatter(stack.gsrecon, batch)
+    out = render_loss(splatter, batch, params.render_resolution, lpips, params.lpips_weight, params.rasterizer)
+    out["loss"] = out["render_loss"]
+    return out
+
+
+def gsvae_step_loss(stack, batch, params: FinetuneParams, lpips, tiny: bool) -> dict:
+    """Stage A (``tiny=False``): encode + full decoder; stage B (``tiny=True``): frozen encoder, tiny decoder."""
+    with torch.no_grad():
+        splatter = gsrecon_splatter(stack.gsrecon, batch)  # (B, 4, 12, R, R), GSRecon frozen
+    b = splatter.shape[0]
+    flat = splatter.flatten(0, 1)
+    if tiny:
+        with torch.no_grad():
+            latents, kl = stack.gsvae.encode(flat, sample=False)
+    else:
+        latents, kl = stack.gsvae.encode(flat, sample=True)
+    decoded = stack.gsvae.decode(latents, use_tiny_decoder=tiny)
+    latent_mse = F.mse_loss(decoded.float(), flat.float())
+    out = render_loss(decoded.unflatten(0, (b, NUM_INPUT_VIEWS)), batch, params.render_resolution, lpips,
+                      params.lpips_weight, params.rasterizer)
+    out["latent_mse"] = latent_mse
+    out["kl"] = kl.detach()  # logged, not optimised (DiffSplat)
+    out["loss"] = params.latent_weight * latent_mse + params.render_weight * out["render_loss"]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The loop.
+
+
+def _fit(phase: str, module, trainable, loss_fn, steps: int, lr: float, params: FinetuneParams, batches, accelerator,
+         live, log) -> list[float]:
+    from diffusers.optimization import get_scheduler
+
+    optimizer = torch.optim.AdamW(trainable, lr=lr, betas=(params.adam_beta1, params.adam_beta2),
+                                  weight_decay=params.adam_weight_decay)
+    scheduler = get_scheduler(params.lr_scheduler, optimizer, num_warmup_steps=params.lr_warmup_steps,
+                              num_training_steps=steps)
+    module, optimizer, scheduler = accelerator.prepare(module, optimizer, scheduler)
+    module.train()
+    losses: list[float] = []
+    t0 = time.perf_counter()
+    for step in range(1, steps + 1):
+        batch = _to(next(batches), accelerator.device)
+        with accelerator.autocast():
+            out = loss_fn(batch)
+        loss = out["loss"]
+        if not torch.isfinite(loss.detach()):
+            raise NonFiniteLoss(
+                f"finetune {phase}: step {step}: the loss is {loss.item()} (objects {batch['uid']}); stopped, nothing "
+                f"written ({params.out_dir} keeps its previous contents). Lower finetune.{phase.split('_')[0]}_lr or "
+                "use mixed_precision: no/bf16, and check those characters' renders."
+            )
+        accelerator.backward(loss)
+        if params.max_grad_norm > 0:
+            accelerator.clip_grad_norm_(trainable, params.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        if live is not None:
+            for k, v in out.items():
+                live.log_metric(f"{phase}/{k}", float(v.detach().float().item()))
+            live.log_metric(f"{phase}/lr", scheduler.get_last_lr()[0])
+            live.next_step()
+        if step % params.log_every == 0 or step == steps:
+            sps = step / max(time.perf_counter() - t0, 1e-9)
+            log(f"finetune: {phase} step {step}/{steps} loss {loss.item():.4f} psnr {out['psnr'].item():.2f} dB "
+                f"lr {scheduler.get_last_lr()[0]:.2e} {sps:.2f} steps/s")
+    module.eval()
+    accelerator.free_memory()
+    return losses
+
+
+def finetune(params: FinetuneParams, models_cfg: dict, log=print) -> FinetuneResult:
+    """Fine-tune what ``params`` enables and write ``params.out_dir`` (see the module docstring)."""
+    out_dir, metrics_dir = Path(params.out_dir), Path(params.metrics_dir)
+    fp = fingerprint(params, models_cfg)
+    old = read_manifest(out_dir)
+    if old is not None and old.get("fingerprint") == fp and _complete(out_dir, old):
+        log(f"finetune: {out_dir} is up to date (same settings, base models and train renders); nothing to do")
+        return FinetuneResult(skipped=True, out_dir=out_dir)
+
+    manifest = {"format": FORMAT_VERSION, "fingerprint": fp, "base": base_models(models_cfg),
+                "gsrecon": None, "gsvae": None, "steps": {}, "final_loss": {}}
+    result = FinetuneResult(skipped=False, out_dir=out_dir)
+    tmp = out_dir.with_name(f".tmp-{out_dir.name}-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        if params.enabled:
+            _run_phases(params, models_cfg, tmp, manifest, result, metrics_dir, log)
+        else:
+            log("finetune: finetune.gsrecon and finetune.gsvae are off: GSRecon and GSVAE stay as published (tiny: as "
+                "built); writing a manifest that says so")
+            shutil.rmtree(metrics_dir, ignore_errors=True)
+            metrics_dir.mkdir(parents=True)
+            (metrics_dir / "metrics.json").write_text(json.dumps({"finetune": {"enabled": False}}, indent=4) + "\n")
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        _swap_in(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return result
+
+
+def _complete(out_dir: Path, manifest: dict) -> bool:
+    return all(manifest.get(m) is None or (out_dir / manifest[m] / "config.json").is_file() for m in ("gsrecon", "gsvae"))
+
+
+def _swap_in(tmp: Path, out_dir: Path) -> None:
+    """Replace ``out_dir`` by ``tmp`` so that a kill at any point leaves either the old or the new folder."""
+    backup = out_dir.with_name(f".old-{out_dir.name}-{os.getpid()}")
+    if out_dir.exists():
+        os.replace(out_dir, backup)
+    os.replace(tmp, out_dir)
+    shutil.rmtree(backup, ignore_errors=True)
+
+
+def _run_phases(params: FinetuneParams, models_cfg: dict, tmp: Path, manifest: dict, result: FinetuneResult,
+                metrics_dir: Path, log) -> None:
+    from accelerate import Accelerator
+    from dvclive import Live
+
+    from chibisplat.models.sources import load_model_stack
+
+    accelerator = Accelerator(mixed_precision=params.mixed_precision)
+    device = accelerator.device
+    torch.manual_seed(params.seed)
+    stack = load_model_stack({**models_cfg, "finetuned": None})  # the base weights, never a previous fine-tune
+    stack.gsrecon.to(device).requires_grad_(False).eval()
+    stack.gsvae.to(device).requires_grad_(False).eval()
+    lpips = None
+    if params.lpips_weight > 0 and params.lpips_weights:
+        from chibisplat.training.lpips import load_lpips
+
+        lpips = load_lpips(params.lpips_weights, device)
+    elif params.lpips_weight > 0:
+        log("finetune: LPIPS weight 0: no finetune.lpips_weights configured (loss = image MSE + mask MSE)")
+    shutil.rmtree(metrics_dir, ignore_errors=True)
+    live = Live(dir=str(metrics_dir), report=None, save_dvc_exp=False, dvcyaml=False) if accelerator.is_main_process else None
+    batches = object_batches(params)
+    n_train = len(train_split_identity(Path(params.packed_dir)))
+    log(f"finetune: {n_train} train characters, {params.resolution}px inputs, renders at {params.render_resolution}px, "
+        f"batch {params.batch_size}, device {device}")
+
+    def phase(name, module, trainable, loss_fn, steps, lr):
+        if params.gradient_checkpointing and hasattr(module, "enable_gradient_checkpointing"):
+            module.enable_gradient_checkpointing()
+        for p in trainable:
+            p.requires_grad_(True)
+            p.data = p.data.float()
+        log(f"finetune: {name}: {sum(p.numel() for p in trainable):,} trainable parameters, {steps} steps, lr {lr:g}")
+        losses = _fit(name, module, trainable, loss_fn, steps, lr, params, batches, accelerator, live, log)
+        for p in trainable:
+            p.requires_grad_(False)
+        result.losses[name] = losses
+        manifest["steps"][name] = steps
+        k = max(1, len(losses) // 10)
+        manifest["final_loss"][name] = {"first10pct": sum(losses[:k]) / k, "last10pct": sum(losses[-k:]) / k}
+
+    if params.gsrecon and params.gsrecon_steps > 0:
+        phase("gsrecon", stack.gsrecon, list(stack.gsrecon.parameters()),
+              lambda b: gsrecon_step_loss(stack, b, params, lpips), params.gsrecon_steps, params.gsrecon_lr)
+        accelerator.unwrap_model(stack.gsrecon).save_pretrained(str(tmp / "gsrecon"))
+        manifest["gsrecon"] = "gsrecon"
+    if params.gsvae and params.gsvae_steps > 0:
+        phase("gsvae", stack.gsvae, list(stack.gsvae.vae.parameters()),
+              lambda b: gsvae_step_loss(stack, b, params, lpips, tiny=False), params.gsvae_steps, params.gsvae_lr)
+    if params.gsvae and params.gsvae_tiny_decoder_steps > 0:
+        phase("gsvae_tiny_decoder", stack.gsvae, list(stack.gsvae.tiny_decoder.parameters()),
+              lambda b: gsvae_step_loss(stack, b, params, lpips, tiny=True), params.gsvae_tiny_decoder_steps,
+              params.gsvae_lr)
+    if params.gsvae and (params.gsvae_steps > 0 or params.gsvae_tiny_decoder_steps > 0):
+        accelerator.unwrap_model(stack.gsvae).save_pretrained(str(tmp / "gsvae"))
+        manifest["gsvae"] = "gsvae"
+    if live is not None:
+        live.summary.setdefault("finetune", {}).update(
+            {f"{k}_{w}": v[w] for k, v in manifest["final_loss"].items() for w in ("first10pct", "last10pct")})
+        live.make_summary()
+        live.end()
+    accelerator.end_training()
+
+
+__all__ = ["FinetuneParams", "FinetuneResult", "NonFiniteLoss", "finetune", "read_manifest"]
