@@ -6,26 +6,18 @@ section 6.
 
 from __future__ import annotations
 
-import argparse
 import sys
-from pathlib import Path
 
 from chibisplat.dataset.embeddings import EmbedParams, embed
 from chibisplat.dataset.text_encoder import TextEncoderMissing
-from chibisplat.params import load_params
+from chibisplat.params import run_stage
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
-    args = parser.parse_args(argv)
-    params = load_params(args.params)
-    try:
-        embed(EmbedParams.from_dict(params.get("embed") or {}), params.get("models") or {})
-    except (TextEncoderMissing, FileNotFoundError) as e:
-        print(f"embed: error: {e}", file=sys.stderr)
-        return 1
-    return 0
+    def body(p: dict) -> None:
+        embed(EmbedParams.from_dict(p.get("embed") or {}), p.get("models") or {})
+
+    return run_stage("embed", __doc__, body, (TextEncoderMissing,), argv)
 
 
 if __name__ == "__main__":

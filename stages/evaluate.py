@@ -7,26 +7,18 @@ See chibisplat/training/evaluate.py.
 
 from __future__ import annotations
 
-import argparse
 import sys
-from pathlib import Path
 
-from chibisplat.params import load_params
+from chibisplat.params import run_stage
 from chibisplat.training.evaluate import EvaluateParams, evaluate
 from chibisplat.training.latents import LatentParams
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
-    args = parser.parse_args(argv)
-    try:
-        params = load_params(args.params)
-        evaluate(EvaluateParams.from_params(params), params.get("models") or {}, LatentParams.from_params(params).resolution)
-    except (FileNotFoundError, KeyError, ValueError) as e:
-        print(f"evaluate: error: {e}", file=sys.stderr)
-        return 1
-    return 0
+    def body(p: dict) -> None:
+        evaluate(EvaluateParams.from_params(p), p.get("models") or {}, LatentParams.from_params(p).resolution)
+
+    return run_stage("evaluate", __doc__, body, (KeyError, ValueError), argv)
 
 
 if __name__ == "__main__":

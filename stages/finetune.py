@@ -6,26 +6,18 @@ default): writes a manifest saying the base modules are used. See chibisplat/tra
 
 from __future__ import annotations
 
-import argparse
 import sys
-from pathlib import Path
 
 from chibisplat.models.sources import ModelSourceError
-from chibisplat.params import load_params
+from chibisplat.params import run_stage
 from chibisplat.training.finetune import FinetuneParams, NonFiniteLoss, finetune
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
-    args = parser.parse_args(argv)
-    params = load_params(args.params)
-    try:
-        finetune(FinetuneParams.from_params(params), params.get("models") or {})
-    except (NonFiniteLoss, ModelSourceError, FileNotFoundError, KeyError, ValueError) as e:
-        print(f"finetune: error: {e}", file=sys.stderr)
-        return 1
-    return 0
+    def body(p: dict) -> None:
+        finetune(FinetuneParams.from_params(p), p.get("models") or {})
+
+    return run_stage("finetune", __doc__, body, (NonFiniteLoss, ModelSourceError, KeyError, ValueError), argv)
 
 
 if __name__ == "__main__":

@@ -6,26 +6,18 @@ Reads ``generate:`` (preset for ``models.source`` merged underneath), ``models:`
 
 from __future__ import annotations
 
-import argparse
 import sys
-from pathlib import Path
 
 from chibisplat.cli import run_generate
-from chibisplat.params import load_params
+from chibisplat.params import run_stage
 from chibisplat.training.inference import GenerateParams
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
-    args = parser.parse_args(argv)
-    try:
-        params = load_params(args.params)
-        run_generate(params, GenerateParams.from_params(params).prompt)
-    except (FileNotFoundError, KeyError, ValueError) as e:
-        print(f"generate: error: {e}", file=sys.stderr)
-        return 1
-    return 0
+    def body(p: dict) -> None:
+        run_generate(p, GenerateParams.from_params(p).prompt)
+
+    return run_stage("generate", __doc__, body, (KeyError, ValueError), argv)
 
 
 if __name__ == "__main__":

@@ -6,25 +6,17 @@ See chibisplat/training/latents.py.
 
 from __future__ import annotations
 
-import argparse
 import sys
-from pathlib import Path
 
-from chibisplat.params import load_params
+from chibisplat.params import run_stage
 from chibisplat.training.latents import LatentParams, build_latents
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
-    args = parser.parse_args(argv)
-    params = load_params(args.params)
-    try:
-        build_latents(LatentParams.from_params(params), params.get("models") or {})
-    except (FileNotFoundError, KeyError, ValueError) as e:
-        print(f"latents: error: {e}", file=sys.stderr)
-        return 1
-    return 0
+    def body(p: dict) -> None:
+        build_latents(LatentParams.from_params(p), p.get("models") or {})
+
+    return run_stage("latents", __doc__, body, (KeyError, ValueError), argv)
 
 
 if __name__ == "__main__":

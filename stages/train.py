@@ -6,25 +6,17 @@ on GPUs: ``accelerate launch -m stages.train``. See chibisplat/training/train.py
 
 from __future__ import annotations
 
-import argparse
 import sys
-from pathlib import Path
 
-from chibisplat.params import load_params
+from chibisplat.params import run_stage
 from chibisplat.training.train import NonFiniteLoss, TrainParams, train
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
-    args = parser.parse_args(argv)
-    params = load_params(args.params)
-    try:
-        train(TrainParams.from_params(params), params.get("models") or {})
-    except (NonFiniteLoss, NotImplementedError, FileNotFoundError, KeyError, ValueError) as e:
-        print(f"train: error: {e}", file=sys.stderr)
-        return 1
-    return 0
+    def body(p: dict) -> None:
+        train(TrainParams.from_params(p), p.get("models") or {})
+
+    return run_stage("train", __doc__, body, (NonFiniteLoss, KeyError, ValueError), argv)
 
 
 if __name__ == "__main__":

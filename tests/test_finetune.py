@@ -51,10 +51,10 @@ def test_repository_params_parse_and_default_to_off():
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     p = FinetuneParams.from_params(params)
     assert not p.gsrecon and not p.gsvae and not p.enabled
-    assert p.resolution == params["latents"]["presets"]["tiny"]["resolution"]  # fine-tune at the latents' size
     assert params["models"]["finetuned"] == p.out_dir
     params["models"]["source"] = "pretrained"
-    assert FinetuneParams.from_params(params).resolution == 256
+    # The real preset fine-tunes GSRecon at the resolution it then encodes the latents at.
+    assert FinetuneParams.from_params(params).resolution == params["latents"]["presets"]["pretrained"]["resolution"]
     params["finetune"]["resolution"] = 100
     with pytest.raises(ValueError, match="multiple of 8"):
         FinetuneParams.from_params(params)

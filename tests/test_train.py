@@ -240,6 +240,14 @@ def test_tiny_training_loss_drops_and_frozen_does_not(tmp_path):
     from chibisplat.models.gsdiff import load_mv_unet
 
     load_mv_unet(tmp_path / "a" / "models" / "unet")
+    # Re-running a finished run (e.g. `dvc repro` after a code-only change) resumes at max_steps: no step, the same
+    # metrics file, the same UNet weights.
+    before = {p: p.read_bytes() for p in (tmp_path / "a" / "metrics").rglob("*") if p.is_file()}
+    weights = (tmp_path / "a" / "models" / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()
+    again = run_train(make_params(tmp_path / "a", latents, embeddings, max_steps=steps, checkpointing_steps=steps))
+    assert again.resumed_from == steps and again.losses == []
+    assert {p: p.read_bytes() for p in (tmp_path / "a" / "metrics").rglob("*") if p.is_file()} == before
+    assert (tmp_path / "a" / "models" / "unet" / "diffusion_pytorch_model.safetensors").read_bytes() == weights
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
@@ -306,3 +314,35 @@ def test_resume_after_sigkill_equals_uninterrupted_run(tmp_path):
     assert err <= 1e-6
     rows = (tmp_path / "killed" / "metrics" / "plots" / "metrics" / "train" / "diffusion_loss.tsv").read_text().splitlines()
     assert len(rows) == steps + 1  # header + one row per step, none duplicated by the kill
+
+
+@pytest.mark.slow
+def test_two_processes_train_with_ddp_on_cpu(tmp_path):
+    """The multi-process path of `accelerate launch` (DDP over gloo on CPU, launched by torchrun): two ranks draw
+    their own micro-batches, checkpoint with both ranks' RNG states, and rank 0 writes one loadable UNet."""
+    from chibisplat.models.gsdiff import load_mv_unet
+
+    latents, embeddings = fake_latent_dir(tmp_path)
+    params = make_params(tmp_path / "run", latents, embeddings, max_steps=6, checkpointing_steps=3, mode="lora", lr=1e-2)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    torchrun = Path(sys.executable).with_name("torchrun")
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([str(torchrun), "--nproc_per_node", "2", "--master_port", str(_free_port()), "-m", "stages.train",
+                        "--params", str(tmp_path / "params.yaml")], cwd=REPO, env=env, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "x 2 process(es)" in r.stdout, r.stdout
+    assert r.stdout.count("train: final UNet") == 1  # rank 0 only
+    ckpts = sorted((tmp_path / "run" / "models" / "checkpoints").iterdir())
+    assert [c.name for c in ckpts] == ["checkpoint-000003", "checkpoint-000006"]
+    assert {"random_states_0.pkl", "random_states_1.pkl"} <= {p.name for p in ckpts[-1].iterdir()}
+    load_mv_unet(tmp_path / "run" / "models" / "unet")
+    assert (tmp_path / "run" / "models" / "unet" / "lora" / "pytorch_lora_weights.safetensors").is_file()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -183,7 +183,8 @@ def run_render_stage(params: dict, log=print) -> dict:
 
 def _run_workers(todo, params, config, config_sha, out_dir, scratch, log) -> list[dict]:
     """One Blender process per character, at most ``workers`` at a time."""
-    workers = max(1, int(params.get("workers", 1)))
+    # Fewer characters than workers (an incremental run): the cores go to the characters there are.
+    workers = max(1, min(int(params.get("workers", 1)), len(todo)))
     threads = max(1, (os.cpu_count() or 1) // workers)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
     env["CHIBISPLAT_CYCLES_THREADS"] = str(threads)

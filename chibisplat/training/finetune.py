@@ -302,7 +302,8 @@ def finetune(params: FinetuneParams, models_cfg: dict, log=print) -> FinetuneRes
 
 
 def _complete(out_dir: Path, manifest: dict) -> bool:
-    return all(manifest.get(m) is None or (out_dir / manifest[m] / "config.json").is_file() for m in ("gsrecon", "gsvae"))
+    return all(manifest.get(m) is None or (out_dir / manifest[m] / "config.json").is_file()
+               for m in ("gsrecon", "gsvae"))
 
 
 def _swap_in(tmp: Path, out_dir: Path) -> None:
@@ -335,7 +336,9 @@ def _run_phases(params: FinetuneParams, models_cfg: dict, tmp: Path, manifest: d
     elif params.lpips_weight > 0:
         log("finetune: LPIPS weight 0: no finetune.lpips_weights configured (loss = image MSE + mask MSE)")
     shutil.rmtree(metrics_dir, ignore_errors=True)
-    live = Live(dir=str(metrics_dir), report=None, save_dvc_exp=False, dvcyaml=False) if accelerator.is_main_process else None
+    live = None
+    if accelerator.is_main_process:
+        live = Live(dir=str(metrics_dir), report=None, save_dvc_exp=False, dvcyaml=False)
     batches = object_batches(params)
     n_train = len(train_split_identity(Path(params.packed_dir)))
     log(f"finetune: {n_train} train characters, {params.resolution}px inputs, renders at {params.render_resolution}px, "

@@ -259,7 +259,10 @@ def train(params: TrainParams, models_cfg: dict, log=print) -> TrainResult:
     accelerator.wait_for_everyone()
 
     live = None
-    if main:
+    if main and start >= params.max_steps:
+        log(f"train: checkpoint at step {start} already reached train.max_steps; writing the final UNet only "
+            f"({metrics_dir} left as it is)")
+    elif main:
         if start:
             _truncate_live_tsv(metrics_dir, start)
         live = Live(dir=str(metrics_dir), resume=bool(start), report=None, save_dvc_exp=False, dvcyaml=False)
