@@ -138,6 +138,13 @@ def test_nan_loss_stops_and_keeps_the_previous_result(packed16, tmp_path, monkey
     assert not list(Path(p.out_dir).parent.glob(".tmp-*"))
 
 
+def test_refuses_to_run_in_several_processes(packed16, tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match="one process"):
+        finetune(_params(packed16, tmp_path, gsrecon=True), _models(None), **QUIET)
+    assert not (tmp_path / "finetune").exists()
+
+
 def test_stage_reports_missing_packed_data(tmp_path):
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["finetune"].update(gsrecon=True, packed_dir=str(tmp_path / "nothing"), out_dir=str(tmp_path / "ft"),

@@ -17,7 +17,8 @@ Outputs in ``finetune.out_dir`` (default ``models/finetune``), written into a te
 when complete: ``manifest.json`` (fingerprint, base models, which modules were fine-tuned, final losses) and
 ``gsrecon/`` / ``gsvae/`` ``save_pretrained`` folders. ``load_model_stack`` applies them when
 ``models.finetuned`` names that folder, so the latents, train, evaluate and generate stages (and the CLI) use
-the fine-tuned modules, and the latents cache re-encodes because the weights' hash changed.
+the fine-tuned modules, and the latents cache re-encodes because the weights' hash changed. One process (a GPU
+or the CPU); the multi-GPU stage is ``train``.
 
 With both switches off (the default) the stage only writes a manifest that says so. An unchanged fingerprint
 (settings, base models and the train split's source/render hashes, not its captions) skips the work, so a
@@ -272,6 +273,10 @@ def _fit(phase: str, module, trainable, loss_fn, steps: int, lr: float, params: 
 
 def finetune(params: FinetuneParams, models_cfg: dict, log=print) -> FinetuneResult:
     """Fine-tune what ``params`` enables and write ``params.out_dir`` (see the module docstring)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError("finetune runs in one process (GSRecon/GSVAE fine-tuning on a few hundred characters fits one "
+                         "GPU): run `python -m stages.finetune` (or `dvc repro finetune`), not under accelerate "
+                         "launch / torchrun; the train stage is the multi-GPU one")
     out_dir, metrics_dir = Path(params.out_dir), Path(params.metrics_dir)
     fp = fingerprint(params, models_cfg)
     old = read_manifest(out_dir)
