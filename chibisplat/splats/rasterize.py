@@ -25,6 +25,7 @@ from torch.utils.checkpoint import checkpoint
 
 from chibisplat.splats.splatter import Gaussians
 
+GSPLAT_DEVICES = ("cuda",)  # where gsplat's kernels run (tests widen it to exercise the adapter with a stand-in)
 LOW_PASS_DILATION = 0.3  # px^2 added to the 2D covariance (3DGS), also gsplat's eps2d
 ALPHA_MAX = 0.99  # 3DGS clamp: keeps 1 - alpha > 0, so transmittance never hits exactly 0
 ALPHA_MIN = 1.0 / 255.0  # 3DGS skips contributions below one 8-bit level
@@ -242,7 +243,7 @@ def rasterize_gsplat(
             "the CUDA rasterizer needs gsplat: `pip install gsplat` (it compiles its CUDA kernels on first use); "
             "or call rasterize(..., backend='torch') for the pure-PyTorch rasterizer"
         ) from e
-    if not gaussians.means.is_cuda:
+    if gaussians.means.device.type not in GSPLAT_DEVICES:
         raise ValueError("gsplat rasterizes CUDA tensors only; move the Gaussians to a GPU or use backend='torch'")
     dtype, device = gaussians.means.dtype, gaussians.means.device
     viewmat = torch.linalg.inv(torch.as_tensor(c2w, dtype=dtype, device=device))[None]
