@@ -23,15 +23,23 @@ def test_psnr_ssim_basics():
 
 
 def test_evaluate_writes_metrics_and_previews(tmp_path):
-    from chibisplat.dataset.pack import packed_files
+    from synthetic_renders import make_dataset
+
+    from chibisplat.dataset.pack import PackParams, pack, packed_files
     from chibisplat.models.sources import tiny_model_stack
 
-    if not packed_files(REPO / "data" / "packed", "val"):
-        pytest.skip("data/packed/val not built (dvc repro pack)")
+    # A val split of its own (synthetic renders in the contract's format), so the test runs in a fresh clone too.
+    renders, assets = make_dataset(tmp_path / "data", n=2, size=64)
+    pack(PackParams(renders_dir=renders, assets_dir=assets, out_dir=tmp_path / "packed", num_shards=1,
+                    val_fraction=0.99, rows_per_group=1), log=lambda *_: None)
+    import pyarrow.parquet as pq
+
+    n_val = sum(pq.ParquetFile(f).metadata.num_rows for f in packed_files(tmp_path / "packed", "val"))
+    assert n_val >= 1
     latents, embeddings = fake_latent_dir(tmp_path)
     tiny_model_stack(0).unet.save_pretrained(str(tmp_path / "unet"))
     params = EvaluateParams(
-        packed_dir=str(REPO / "data" / "packed"), latents_dir=str(latents), embeddings=str(embeddings),
+        packed_dir=str(tmp_path / "packed"), latents_dir=str(latents), embeddings=str(embeddings),
         unet=str(tmp_path / "unet"), metrics=str(tmp_path / "evaluate.json"), previews_dir=str(tmp_path / "previews"),
         view_sets=(0,), render_resolution=32, steps=2, rasterizer="torch",
     )
@@ -40,7 +48,7 @@ def test_evaluate_writes_metrics_and_previews(tmp_path):
     assert on_disk == metrics
     assert set(on_disk) >= {"recon_psnr", "recon_ssim", "recon_lpips", "recon_views", "val_diffusion_loss", "notes"}
     assert on_disk["recon_lpips"] is None and "LPIPS is null" in on_disk["notes"][0]
-    assert on_disk["recon_views"] == 4 and 0 < on_disk["recon_psnr"] < 60 and -1 <= on_disk["recon_ssim"] <= 1
+    assert on_disk["recon_views"] == 4 * n_val and 0 < on_disk["recon_psnr"] < 60 and -1 <= on_disk["recon_ssim"] <= 1
     assert on_disk["val_diffusion_loss"] > 0
     pngs = sorted(p.name for p in (tmp_path / "previews").glob("*.png"))
     assert any(p.startswith("recon_") for p in pngs) and "generated_char2.png" in pngs
