@@ -23,23 +23,20 @@ def test_psnr_ssim_basics():
 
 
 def test_evaluate_writes_metrics_and_previews(tmp_path):
-    from synthetic_renders import make_dataset
+    import pyarrow.parquet as pq
+    from synthetic_renders import make_packed
 
-    from chibisplat.dataset.pack import PackParams, pack, packed_files
+    from chibisplat.dataset.pack import packed_files
     from chibisplat.models.sources import tiny_model_stack
 
     # A val split of its own (synthetic renders in the contract's format), so the test runs in a fresh clone too.
-    renders, assets = make_dataset(tmp_path / "data", n=2, size=64)
-    pack(PackParams(renders_dir=renders, assets_dir=assets, out_dir=tmp_path / "packed", num_shards=1,
-                    val_fraction=0.99, rows_per_group=1), log=lambda *_: None)
-    import pyarrow.parquet as pq
-
-    n_val = sum(pq.ParquetFile(f).metadata.num_rows for f in packed_files(tmp_path / "packed", "val"))
+    packed = make_packed(tmp_path / "data", n=2, size=64, val_fraction=0.99)
+    n_val = sum(pq.ParquetFile(f).metadata.num_rows for f in packed_files(packed, "val"))
     assert n_val >= 1
     latents, embeddings = fake_latent_dir(tmp_path)
     tiny_model_stack(0).unet.save_pretrained(str(tmp_path / "unet"))
     params = EvaluateParams(
-        packed_dir=str(tmp_path / "packed"), latents_dir=str(latents), embeddings=str(embeddings),
+        packed_dir=str(packed), latents_dir=str(latents), embeddings=str(embeddings),
         unet=str(tmp_path / "unet"), metrics=str(tmp_path / "evaluate.json"), previews_dir=str(tmp_path / "previews"),
         view_sets=(0,), render_resolution=32, steps=2, rasterizer="torch",
     )

@@ -11,9 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from synthetic_renders import make_dataset
+from synthetic_renders import make_packed
 
-from chibisplat.dataset.pack import PackParams, pack
 from chibisplat.models.sources import ModelSourceError, load_model_stack
 from chibisplat.training import finetune as ft
 from chibisplat.training.finetune import FinetuneParams, NonFiniteLoss, finetune, read_manifest
@@ -24,11 +23,7 @@ QUIET = dict(log=lambda *_: None)
 
 
 def _packed(root: Path, size: int) -> Path:
-    renders, assets = make_dataset(root, n=4, size=size)
-    out = root / "packed"
-    pack(PackParams(renders_dir=renders, assets_dir=assets, out_dir=out, num_shards=2, val_fraction=0.0,
-                    rows_per_group=1), **QUIET)
-    return out
+    return make_packed(root, n=4, size=size, num_shards=2)
 
 
 @pytest.fixture(scope="module")

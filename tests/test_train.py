@@ -102,16 +102,13 @@ def test_old_finetune_switches_in_train_point_to_the_finetune_stage():
 
 def test_latent_cache_shapes_from_packed_rows(tmp_path):
     """Real GSRecon + GSVAE on one synthetic packed character: 9 view sets, (4, 4, R/8, R/8) latents."""
-    from chibisplat.dataset import schema
+    from synthetic_renders import make_packed
+
+    from chibisplat.dataset.pack import packed_files
     from chibisplat.models.sources import tiny_model_stack
     from chibisplat.training.latents import LatentParams, _rows, encode_character
-    from chibisplat.dataset.pack import PackParams, pack, packed_files
-    from synthetic_renders import make_dataset
 
-    renders, assets = make_dataset(tmp_path, n=1, size=64)
-    pack(PackParams(renders_dir=renders, assets_dir=assets, out_dir=tmp_path / "packed", num_shards=1,
-                    val_fraction=0.0, rows_per_group=1), log=lambda *_: None)
-    files = packed_files(tmp_path / "packed", "train")
+    files = packed_files(make_packed(tmp_path, n=1, size=64), "train")
     row = next(_rows(files[0]))
     out = encode_character(tiny_model_stack(0), row, LatentParams(resolution=64, render_resolution=32))
     assert out["latents"].shape == (9, 4, 4, 8, 8) and out["latents"].dtype == torch.float32
