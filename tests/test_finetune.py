@@ -112,9 +112,14 @@ def test_a_finetune_of_other_base_models_is_refused(packed16, tmp_path):
 
 
 def test_nan_loss_stops_and_keeps_the_previous_result(packed16, tmp_path, monkeypatch):
-    p = _params(packed16, tmp_path)
+    p = _params(packed16, tmp_path, gsrecon=True, gsrecon_steps=1, gsvae_steps=0, gsvae_tiny_decoder_steps=0)
     finetune(p, _models(None), **QUIET)
-    before = (Path(p.out_dir) / "manifest.json").read_bytes()
+
+    def files(folder):
+        return {f.relative_to(folder): f.read_bytes() for f in Path(folder).rglob("*") if f.is_file()}
+
+    before, before_metrics = files(p.out_dir), files(p.metrics_dir)
+    assert Path(p.out_dir, "gsrecon", "config.json").relative_to(p.out_dir) in before and before_metrics
 
     real = ft.gsrecon_step_loss
     calls = []
@@ -128,9 +133,9 @@ def test_nan_loss_stops_and_keeps_the_previous_result(packed16, tmp_path, monkey
 
     monkeypatch.setattr(ft, "gsrecon_step_loss", poisoned)
     with pytest.raises(NonFiniteLoss, match=r"step 2: the loss is nan .*keeps its previous contents"):
-        finetune(dataclasses.replace(p, gsrecon=True), _models(None), **QUIET)
-    assert (Path(p.out_dir) / "manifest.json").read_bytes() == before
-    assert not list(Path(p.out_dir).parent.glob(".tmp-*"))
+        finetune(dataclasses.replace(p, gsrecon_steps=3), _models(None), **QUIET)
+    assert files(p.out_dir) == before and files(p.metrics_dir) == before_metrics  # the last good fine-tune and curves
+    assert not list(Path(p.out_dir).parent.glob(".tmp-*")) and not list(Path(p.metrics_dir).parent.glob(".tmp-*"))
 
 
 def test_refuses_to_run_in_several_processes(packed16, tmp_path, monkeypatch):

@@ -287,22 +287,26 @@ def finetune(params: FinetuneParams, models_cfg: dict, log=print) -> FinetuneRes
     manifest = {"format": FORMAT_VERSION, "fingerprint": fp, "base": base_models(models_cfg),
                 "gsrecon": None, "gsvae": None, "steps": {}, "final_loss": {}}
     result = FinetuneResult(skipped=False, out_dir=out_dir)
+    # Models and metrics are written into temporary folders and swapped in together at the end: a failed or killed
+    # run leaves the previous fine-tune and its curves as they were.
     tmp = out_dir.with_name(f".tmp-{out_dir.name}-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp_metrics = metrics_dir.with_name(f".tmp-{metrics_dir.name}-{os.getpid()}")
+    for folder in (tmp, tmp_metrics):
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
     try:
         if params.enabled:
-            _run_phases(params, models_cfg, tmp, manifest, result, metrics_dir, log)
+            _run_phases(params, models_cfg, tmp, manifest, result, tmp_metrics, log)
         else:
             log("finetune: finetune.gsrecon and finetune.gsvae are off: GSRecon and GSVAE stay as published (tiny: as "
                 "built); writing a manifest that says so")
-            shutil.rmtree(metrics_dir, ignore_errors=True)
-            metrics_dir.mkdir(parents=True)
-            (metrics_dir / "metrics.json").write_text(json.dumps({"finetune": {"enabled": False}}, indent=4) + "\n")
+            (tmp_metrics / "metrics.json").write_text(json.dumps({"finetune": {"enabled": False}}, indent=4) + "\n")
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        _swap_in(tmp_metrics, metrics_dir)
         _swap_in(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(tmp_metrics, ignore_errors=True)
     return result
 
 
@@ -340,7 +344,6 @@ def _run_phases(params: FinetuneParams, models_cfg: dict, tmp: Path, manifest: d
         lpips = load_lpips(params.lpips_weights, device)
     elif params.lpips_weight > 0:
         log("finetune: LPIPS weight 0: no finetune.lpips_weights configured (loss = image MSE + mask MSE)")
-    shutil.rmtree(metrics_dir, ignore_errors=True)
     live = None
     if accelerator.is_main_process:
         live = Live(dir=str(metrics_dir), report=None, save_dvc_exp=False, dvcyaml=False)
