@@ -15,6 +15,8 @@ import time
 import traceback
 from pathlib import Path
 
+from chibisplat.files import install_folder
+
 
 def _redirect_blender_output(log_path: Path):
     """Blender prints a lot on fd 1/2; send it to the character's log and keep a handle for progress lines."""
@@ -24,18 +26,6 @@ def _redirect_blender_output(log_path: Path):
     os.dup2(log_fd, 2)
     os.close(log_fd)
     return progress
-
-
-def install_folder(staged: Path, final: Path, trash_dir: Path) -> None:
-    """Replace ``final`` by ``staged`` with renames only (same file system)."""
-    trash_dir.mkdir(parents=True, exist_ok=True)
-    old = None
-    if final.exists():
-        old = trash_dir / f"{final.name}.{os.getpid()}"
-        os.replace(final, old)
-    os.replace(staged, final)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def run_job(job: dict, progress) -> dict:

@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from chibisplat.dataset import schema
 from chibisplat.dataset.loader import PackedViewsDataset, ViewConfig
 from chibisplat.dataset.pack import packed_files
+from chibisplat.files import install_folder
 from chibisplat.identity import sha256_json
 from chibisplat.models.sources import FINETUNE_BASE_KEYS
 from chibisplat.training.config import check_keys, resolved_section
@@ -302,8 +303,8 @@ def finetune(params: FinetuneParams, models_cfg: dict, log=print) -> FinetuneRes
                 "built); writing a manifest that says so")
             (tmp_metrics / "metrics.json").write_text(json.dumps({"finetune": {"enabled": False}}, indent=4) + "\n")
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-        _swap_in(tmp_metrics, metrics_dir)
-        _swap_in(tmp, out_dir)
+        install_folder(tmp_metrics, metrics_dir, metrics_dir.parent)
+        install_folder(tmp, out_dir, out_dir.parent)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(tmp_metrics, ignore_errors=True)
@@ -313,15 +314,6 @@ def finetune(params: FinetuneParams, models_cfg: dict, log=print) -> FinetuneRes
 def _complete(out_dir: Path, manifest: dict) -> bool:
     return all(manifest.get(m) is None or (out_dir / manifest[m] / "config.json").is_file()
                for m in ("gsrecon", "gsvae"))
-
-
-def _swap_in(tmp: Path, out_dir: Path) -> None:
-    """Replace ``out_dir`` by ``tmp`` so that a kill at any point leaves either the old or the new folder."""
-    backup = out_dir.with_name(f".old-{out_dir.name}-{os.getpid()}")
-    if out_dir.exists():
-        os.replace(out_dir, backup)
-    os.replace(tmp, out_dir)
-    shutil.rmtree(backup, ignore_errors=True)
 
 
 def _run_phases(params: FinetuneParams, models_cfg: dict, tmp: Path, manifest: dict, result: FinetuneResult,
