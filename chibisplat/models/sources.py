@@ -175,13 +175,18 @@ def load_model_stack(models_cfg: dict) -> ModelStack:
 FINETUNE_BASE_KEYS = ("source", "seed", "image_conditioned", "sd15", "diffsplat")
 
 
+def finetune_base(models_cfg: dict) -> dict:
+    """The ``models:`` keys that decide the GSRecon/GSVAE weights a fine-tune starts from (recorded in its manifest)."""
+    return {k: models_cfg.get(k) for k in FINETUNE_BASE_KEYS}
+
+
 def apply_finetuned(stack: ModelStack, folder: Path, models_cfg: dict) -> list[str]:
     """Swap in the fine-tuned modules listed by ``folder/manifest.json``; returns their names."""
     manifest_path = folder / "manifest.json"
     if not manifest_path.is_file():
         return []
     manifest = json.loads(manifest_path.read_text())
-    wanted = {k: models_cfg.get(k) for k in FINETUNE_BASE_KEYS}
+    wanted = finetune_base(models_cfg)
     swapped = [m for m in ("gsrecon", "gsvae") if manifest.get(m)]
     if swapped and manifest.get("base") != wanted:
         raise ModelSourceError(

@@ -17,6 +17,10 @@ from __future__ import annotations
 import copy
 
 
+class NonFiniteLoss(FloatingPointError):
+    """A training loss became NaN or inf (train and finetune stop with it; the stages print it as an error)."""
+
+
 def model_source(params: dict) -> str:
     source = (params.get("models") or {}).get("source", "tiny")
     if source not in ("tiny", "pretrained"):

@@ -27,9 +27,11 @@ from chibisplat.training.config import check_keys, resolved_section
 from chibisplat.training.inference import (
     inference_cameras, latents_to_gaussians, load_trained_unet, render_rgb,
 )
-from chibisplat.training.latents import EVEN_VIEW_SETS, _rows, load_latent_set, supervision_views
+from chibisplat.training.latents import (
+    EVEN_VIEW_SETS, _rows, gsrecon_splatter, load_latent_set, one_object, supervision_views,
+)
 from chibisplat.training.objective import diffusion_step_inputs, noise_scheduler, sample_batch, sample_latents, step_generator
-from chibisplat.splats.splatter import splatter_to_gaussians, to_splatter_image
+from chibisplat.splats.splatter import splatter_to_gaussians
 
 
 @dataclass(frozen=True)
@@ -104,9 +106,7 @@ def reconstruction_metrics(stack, params: EvaluateParams, resolution: int, lpips
                 inputs = EVEN_VIEW_SETS[s]
                 indices = list(inputs) + supervision_views(uid, s, inputs)
                 v = object_views(row[schema.IMAGES], row[schema.NORMAL_DEPTH], row[schema.CAMERAS], indices, config)
-                images = torch.cat([v["image"][:4], v["normal"][:4], v["coord"][:4]], dim=1)[None].to(device)
-                out = stack.gsrecon(images, v["C2W"][:4][None].to(device), v["fxfycxcy"][:4][None].to(device))
-                splatter = to_splatter_image(out)[0].float().cpu()
+                splatter = gsrecon_splatter(stack.gsrecon, one_object(v), device)[0].float().cpu()
                 g = splatter_to_gaussians(splatter, v["C2W"][:4], v["fxfycxcy"][:4])
                 pred = render_rgb(g, v["C2W"][4:], v["fxfycxcy"][4:], res, params.rasterizer, params.opacity_threshold)
                 pred_t = torch.from_numpy(np.stack(pred)).permute(0, 3, 1, 2).float() / 255.0

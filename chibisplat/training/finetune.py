@@ -43,18 +43,14 @@ from chibisplat.dataset.loader import PackedViewsDataset, ViewConfig
 from chibisplat.dataset.pack import packed_files
 from chibisplat.files import install_folder
 from chibisplat.identity import sha256_json
-from chibisplat.models.sources import FINETUNE_BASE_KEYS
-from chibisplat.training.config import check_keys, resolved_section
+from chibisplat.models.sources import finetune_base
+from chibisplat.training.config import NonFiniteLoss, check_keys, resolved_section
+from chibisplat.training.latents import NUM_INPUT_VIEWS, gsrecon_splatter
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
-NUM_INPUT_VIEWS = 4
 # Settings that do not change the result (excluded from the fingerprint).
 COSMETIC = ("out_dir", "metrics_dir", "log_every", "packed_dir")
-
-
-class NonFiniteLoss(FloatingPointError):
-    pass
 
 
 @dataclass(frozen=True)
@@ -113,10 +109,6 @@ class FinetuneResult:
     out_dir: Path | None = None
 
 
-def base_models(models_cfg: dict) -> dict:
-    return {k: models_cfg.get(k) for k in FINETUNE_BASE_KEYS}
-
-
 def train_split_identity(packed_dir: Path) -> list[list[str]]:
     """(uid, source_sha256, render_config_sha256) of every train character: what the fine-tune sees (no captions)."""
     out = []
@@ -126,12 +118,13 @@ def train_split_identity(packed_dir: Path) -> list[list[str]]:
     return sorted(out)
 
 
-def fingerprint(params: FinetuneParams, models_cfg: dict) -> str:
+def fingerprint(params: FinetuneParams, models_cfg: dict, data: list[list[str]]) -> str:
+    """Identity of a fine-tune: settings, base models and ``data`` (:func:`train_split_identity`)."""
     if not params.enabled:
         return sha256_json({"format": FORMAT_VERSION, "enabled": False})
     settings = {k: v for k, v in asdict(params).items() if k not in COSMETIC}
-    return sha256_json({"format": FORMAT_VERSION, "settings": settings, "base": base_models(models_cfg),
-                        "data": train_split_identity(Path(params.packed_dir))})
+    return sha256_json({"format": FORMAT_VERSION, "settings": settings, "base": finetune_base(models_cfg),
+                        "data": data})
 
 
 def read_manifest(out_dir: Path) -> dict | None:
@@ -163,36 +156,20 @@ def _to(batch: dict, device) -> dict:
     return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
-def gsrecon_splatter(gsrecon, batch: dict) -> torch.Tensor:
-    """The 4 input views of B objects -> splatter images (B, 4, 12, R, R)."""
-    from chibisplat.splats.splatter import to_splatter_image
-
-    v = NUM_INPUT_VIEWS
-    images = torch.cat([batch["image"][:, :v], batch["normal"][:, :v], batch["coord"][:, :v]], dim=2)
-    return to_splatter_image(gsrecon(images, batch["C2W"][:, :v], batch["fxfycxcy"][:, :v]))
-
-
 def render_loss(splatter: torch.Tensor, batch: dict, res: int, lpips, lpips_weight: float, backend: str) -> dict:
-    """Render B objects' splatter images into their 8 views; image MSE + mask MSE (+ LPIPS) against the truth."""
-    from chibisplat.training.objective import render_objects
+    """Render B objects' splatter images into their 8 views at ``res``; the shared rendering loss against the loader's
+    views (resized to ``res``), plus the PSNR of the image term for the logs."""
+    from chibisplat.training.objective import splatter_render_loss
 
-    image, alpha = render_objects(splatter, batch["C2W"], batch["fxfycxcy"], res, backend)
     gt_rgb, gt_mask = batch["image"], batch["mask"]
     if gt_rgb.shape[-1] != res:
         b, v = gt_rgb.shape[:2]
         resize = lambda x: F.interpolate(x.flatten(0, 1), size=(res, res), mode="bilinear", align_corners=False,
                                          antialias=True).unflatten(0, (b, v))
         gt_rgb, gt_mask = resize(gt_rgb), resize(gt_mask)
-    image_mse = F.mse_loss(image, gt_rgb)
-    mask_mse = F.mse_loss(alpha, gt_mask)
-    loss = image_mse + mask_mse
-    out = {"image_mse": image_mse, "mask_mse": mask_mse}
-    if lpips is not None and lpips_weight > 0:
-        lp = lpips(image.flatten(0, 1), gt_rgb.flatten(0, 1)).mean()
-        loss = loss + lpips_weight * lp
-        out["lpips"] = lp
-    out["render_loss"] = loss
-    out["psnr"] = -10.0 * torch.log10(image_mse.detach().clamp_min(1e-10))
+    out = splatter_render_loss(splatter, batch["C2W"], batch["fxfycxcy"], gt_rgb, gt_mask, lpips, lpips_weight,
+                               backend)
+    out["psnr"] = -10.0 * torch.log10(out["render_image_mse"].detach().clamp_min(1e-10))
     return out
 
 
@@ -279,13 +256,14 @@ def finetune(params: FinetuneParams, models_cfg: dict, log=print) -> FinetuneRes
                          "GPU): run `python -m stages.finetune` (or `dvc repro finetune`), not under accelerate "
                          "launch / torchrun; the train stage is the multi-GPU one")
     out_dir, metrics_dir = Path(params.out_dir), Path(params.metrics_dir)
-    fp = fingerprint(params, models_cfg)
+    data = train_split_identity(Path(params.packed_dir)) if params.enabled else []
+    fp = fingerprint(params, models_cfg, data)
     old = read_manifest(out_dir)
     if old is not None and old.get("fingerprint") == fp and _complete(out_dir, old):
         log(f"finetune: {out_dir} is up to date (same settings, base models and train renders); nothing to do")
         return FinetuneResult(skipped=True, out_dir=out_dir)
 
-    manifest = {"format": FORMAT_VERSION, "fingerprint": fp, "base": base_models(models_cfg),
+    manifest = {"format": FORMAT_VERSION, "fingerprint": fp, "base": finetune_base(models_cfg),
                 "gsrecon": None, "gsvae": None, "steps": {}, "final_loss": {}}
     result = FinetuneResult(skipped=False, out_dir=out_dir)
     # Models and metrics are written into temporary folders and swapped in together at the end: a failed or killed
@@ -297,7 +275,7 @@ def finetune(params: FinetuneParams, models_cfg: dict, log=print) -> FinetuneRes
         folder.mkdir(parents=True)
     try:
         if params.enabled:
-            _run_phases(params, models_cfg, tmp, manifest, result, tmp_metrics, log)
+            _run_phases(params, models_cfg, len(data), tmp, manifest, result, tmp_metrics, log)
         else:
             log("finetune: finetune.gsrecon and finetune.gsvae are off: GSRecon and GSVAE stay as published (tiny: as "
                 "built); writing a manifest that says so")
@@ -316,8 +294,8 @@ def _complete(out_dir: Path, manifest: dict) -> bool:
                for m in ("gsrecon", "gsvae"))
 
 
-def _run_phases(params: FinetuneParams, models_cfg: dict, tmp: Path, manifest: dict, result: FinetuneResult,
-                metrics_dir: Path, log) -> None:
+def _run_phases(params: FinetuneParams, models_cfg: dict, n_train: int, tmp: Path, manifest: dict,
+                result: FinetuneResult, metrics_dir: Path, log) -> None:
     from accelerate import Accelerator
     from dvclive import Live
 
@@ -340,7 +318,6 @@ def _run_phases(params: FinetuneParams, models_cfg: dict, tmp: Path, manifest: d
     if accelerator.is_main_process:
         live = Live(dir=str(metrics_dir), report=None, save_dvc_exp=False, dvcyaml=False)
     batches = object_batches(params)
-    n_train = len(train_split_identity(Path(params.packed_dir)))
     log(f"finetune: {n_train} train characters, {params.resolution}px inputs, renders at {params.render_resolution}px, "
         f"batch {params.batch_size}, device {device}")
 

@@ -95,17 +95,30 @@ def model_identity(stack) -> str:
     return h.hexdigest()
 
 
+def gsrecon_splatter(gsrecon, views: dict[str, torch.Tensor], device=None) -> torch.Tensor:
+    """GSRecon on the 4 input views (views 0..3) of B objects -> their splatter images (B, 4, 12, R, R).
+
+    ``views``: loader tensors with a leading object axis, ``image``/``normal``/``coord`` (B, V, 3, R, R) in [0, 1],
+    ``C2W`` (B, V, 4, 4), ``fxfycxcy`` (B, V, 4); GSRecon sees ``[image, normal, coord]`` (B, 4, 9, R, R).
+    """
+    v = NUM_INPUT_VIEWS
+    device = views["image"].device if device is None else device
+    images = torch.cat([views["image"][:, :v], views["normal"][:, :v], views["coord"][:, :v]], dim=2).to(device)
+    return to_splatter_image(gsrecon(images, views["C2W"][:, :v].to(device), views["fxfycxcy"][:, :v].to(device)))
+
+
+def one_object(views: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The tensors of one object's views (``object_views``) with a leading object axis of 1."""
+    return {k: v[None] for k, v in views.items() if torch.is_tensor(v)}
+
+
 @torch.no_grad()
 def encode_views(stack, views: dict[str, torch.Tensor], device: str = "cpu") -> torch.Tensor:
     """One object's 4 input views (loader tensors, views 0..3) -> unscaled GSVAE latents (4, 4, R/8, R/8).
 
-    GSRecon sees ``[image, normal, coord]`` (B=1, V=4, 9, R, R) in [0, 1]; its splatter images (4, 12, R, R) are
-    encoded by the GSVAE's posterior mean (eval mode), as GSDiff trains on.
+    Its splatter images (4, 12, R, R) are encoded by the GSVAE's posterior mean (eval mode), as GSDiff trains on.
     """
-    v = NUM_INPUT_VIEWS
-    images = torch.cat([views["image"][:v], views["normal"][:v], views["coord"][:v]], dim=1)[None].to(device)
-    gaussians = stack.gsrecon(images, views["C2W"][:v][None].to(device), views["fxfycxcy"][:v][None].to(device))
-    splatter = to_splatter_image(gaussians)[0]  # (4, 12, R, R)
+    splatter = gsrecon_splatter(stack.gsrecon, one_object(views), device)[0]  # (4, 12, R, R)
     latents, _ = stack.gsvae.encode(splatter, sample=False)
     return latents.float().cpu()
 

@@ -124,6 +124,23 @@ def render_objects(splatter: Tensor, C2W: Tensor, fxfycxcy: Tensor, resolution: 
     return torch.stack(images), torch.stack(alphas)
 
 
+def splatter_render_loss(splatter: Tensor, C2W: Tensor, fxfycxcy: Tensor, gt_rgb: Tensor, gt_mask: Tensor, lpips,
+                         lpips_weight: float, backend: str = "auto") -> dict[str, Tensor]:
+    """Splatter images of B objects (B, 4, 12, H, W) rendered into their views at the targets' resolution and
+    compared with them (``gt_rgb`` (B, Vr, 3, R, R) on white, ``gt_mask`` (B, Vr, 1, R, R), in [0, 1]):
+    ``MSE(image) + MSE(mask vs alpha) + lpips_weight * LPIPS`` (DiffSplat's GSRecon/GSVAE/GSDiff rendering loss)."""
+    res = gt_rgb.shape[-1]
+    image, alpha = render_objects(splatter, C2W, fxfycxcy, res, backend)
+    image_mse = F.mse_loss(image, gt_rgb)
+    mask_mse = F.mse_loss(alpha, gt_mask)
+    loss = image_mse + mask_mse
+    lp = torch.zeros((), device=image.device)
+    if lpips is not None and lpips_weight > 0:
+        lp = lpips(image.reshape(-1, 3, res, res), gt_rgb.reshape(-1, 3, res, res)).mean()
+        loss = loss + lpips_weight * lp
+    return {"render_loss": loss, "render_image_mse": image_mse, "render_mask_mse": mask_mse, "render_lpips": lp}
+
+
 def rendering_loss(pred: Tensor, inputs: dict, batch: Batch, scheduler, gsvae, lpips, lpips_weight: float,
                    backend: str = "auto") -> dict[str, Tensor]:
     """DiffSplat's rendering loss: x0 -> tiny decoder -> Gaussians -> 8 views; MSE(image) + MSE(mask) + LPIPS.
@@ -135,16 +152,8 @@ def rendering_loss(pred: Tensor, inputs: dict, batch: Batch, scheduler, gsvae, l
     splatter = gsvae.decode(gsvae.unscale_latents(x0), use_tiny_decoder=True)  # (B*V, 12, H, W)
     splatter = splatter.reshape(b, NUM_VIEWS, *splatter.shape[1:])
     target = batch.target_rgba.float() / 255.0  # (B, 8, 4, Rr, Rr)
-    res = target.shape[-1]
-    image, alpha = render_objects(splatter, batch.C2W, batch.fxfycxcy, res, backend)
-    image_mse = F.mse_loss(image, target[:, :, :3])
-    mask_mse = F.mse_loss(alpha, target[:, :, 3:])
-    loss = image_mse + mask_mse
-    lp = torch.zeros((), device=image.device)
-    if lpips is not None and lpips_weight > 0:
-        lp = lpips(image.reshape(-1, 3, res, res), target[:, :, :3].reshape(-1, 3, res, res)).mean()
-        loss = loss + lpips_weight * lp
-    return {"render_loss": loss, "render_image_mse": image_mse, "render_mask_mse": mask_mse, "render_lpips": lp}
+    return splatter_render_loss(splatter, batch.C2W, batch.fxfycxcy, target[:, :, :3], target[:, :, 3:], lpips,
+                                lpips_weight, backend)
 
 
 @torch.no_grad()

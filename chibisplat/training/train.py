@@ -41,7 +41,7 @@ import torch.nn.functional as F
 
 from chibisplat.identity import sha256_json
 from chibisplat.models.sources import load_model_stack
-from chibisplat.training.config import check_keys, resolved_section
+from chibisplat.training.config import NonFiniteLoss, check_keys, resolved_section
 from chibisplat.training.latents import load_latent_set, read_metadata
 from chibisplat.training.objective import (
     diffusion_step_inputs, noise_scheduler, rendering_loss, sample_batch, step_generator,
@@ -52,10 +52,6 @@ CHECKPOINT_PREFIX = "checkpoint-"
 STATE_FILE = "train_state.json"
 # Settings that may change between a checkpoint and its resume (they do not change the trajectory).
 RESUMABLE_CHANGES = ("max_steps", "checkpointing_steps", "checkpoints_total_limit", "log_every", "resume")
-
-
-class NonFiniteLoss(FloatingPointError):
-    pass
 
 
 @dataclass(frozen=True)
