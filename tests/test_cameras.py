@@ -1,7 +1,6 @@
 """The 40-slot table and camera conventions (dataset contract sections 1, 3, 4), without Blender."""
 
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import imageio.v2 as imageio
-import pytest
+
 import torch
 import yaml
 

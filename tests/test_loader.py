@@ -9,13 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from synthetic_renders import CHIBI, make_dataset, render_character
+from synthetic_renders import CHIBI, make_packed, render_character
 from torch.utils.data import DataLoader
 
 from chibisplat import cameras
 from chibisplat.dataset.embeddings import EmbedParams, embed, read_embeddings
 from chibisplat.dataset.loader import PackedViewsDataset, ViewConfig, canonical_cameras, object_views, pick_views
-from chibisplat.dataset.pack import PackParams, pack, packed_files, split_of
+from chibisplat.dataset.pack import packed_files
 from chibisplat.identity import sha256_text
 
 SIZE = 64
@@ -184,12 +184,10 @@ def test_images_masks_and_resizing(chibi):
 @pytest.fixture(scope="module")
 def packed(tmp_path_factory):
     root = tmp_path_factory.mktemp("packed")
-    renders, assets = make_dataset(root, n=8, size=16)
-    p = PackParams(renders_dir=renders, assets_dir=assets, out_dir=root / "packed", num_shards=3, val_fraction=0.0, rows_per_group=1)
-    pack(p, log=lambda *_: None)
-    e = EmbedParams(packed_dir=p.out_dir, out=root / "prompt_embeds.parquet", tiny_cache_dir=root / "tiny")
+    packed = make_packed(root, n=8, size=16, num_shards=3)
+    e = EmbedParams(packed_dir=packed, out=root / "prompt_embeds.parquet", tiny_cache_dir=root / "tiny")
     embed(e, {"source": "tiny"}, log=lambda *_: None)
-    return packed_files(p.out_dir, "train"), e.out
+    return packed_files(packed, "train"), e.out
 
 
 def _uids(ds, **loader_kw):

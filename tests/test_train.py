@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import signal
@@ -15,7 +14,7 @@ import pytest
 import torch
 import yaml
 
-from chibisplat.training.latents import EVEN_VIEW_SETS, LatentSet
+from chibisplat.training.latents import EVEN_VIEW_SETS
 from chibisplat.training.lpips import LPIPS, load_lpips
 
 REPO = Path(__file__).resolve().parents[1]

@@ -20,7 +20,6 @@ Views 0..3 are the 4 "even" input views, views 4..7 the supervision views.
 from __future__ import annotations
 
 import json
-import math
 import random
 from dataclasses import dataclass
 from pathlib import Path

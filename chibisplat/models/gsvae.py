@@ -8,7 +8,6 @@ Channel order of the splatter image: :data:`chibisplat.splats.splatter.SPLATTER_
 
 from __future__ import annotations
 
-import torch
 from diffusers import AutoencoderKL, AutoencoderTiny
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.autoencoders.vae import DecoderTiny
