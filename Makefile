@@ -7,7 +7,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
 
-.PHONY: setup repro test test-fast bench samples clean-venv
+.PHONY: setup repro test test-fast bench samples clean-venv gpu-wheels gpu-smoke
 
 setup: $(STAMP)
 
@@ -37,3 +37,18 @@ samples: $(STAMP)
 
 clean-venv:
 	rm -rf $(VENV)
+
+# The real path on a CUDA GPU (README "GPU smoke"). `make gpu-wheels` here (PyPI access) fills .gpu-wheels/ with the
+# Python 3.12 manylinux wheels a GPU machine may lack; carry that folder to the GPU machine, then `make gpu-smoke`
+# there (its Python already has torch + CUDA). Without CUDA the script prints that it skipped and exits 0.
+GPU_WHEELS ?= .gpu-wheels
+SMOKE_PY := $(if $(wildcard $(PY)),$(PY),$(PYTHON))
+
+gpu-wheels:
+	$(if $(wildcard $(PY)),$(PY),$(PYTHON)) -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 \
+		--implementation cp --abi cp312 --abi abi3 --abi none --platform manylinux2014_x86_64 \
+		--platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 --platform any \
+		-d $(GPU_WHEELS) -r benchmarks/gpu_wheels.txt
+
+gpu-smoke:
+	$(SMOKE_PY) benchmarks/gpu_smoke.py --wheels $(GPU_WHEELS)

@@ -8,6 +8,10 @@ What one step of `stages.train` does on the latent cache, at batch 1/4/8 objects
 AdamW, EMA update; LoRA (r=4 on to_q/k/v/out.0) or full fine-tuning; fp16 autocast with fp32 master weights
 (accelerate's mixed_precision: fp16), gradient checkpointing on. Weights are random (no download needed): time
 and memory do not depend on their values. The issue's target: a full fine-tune step at batch 8 within 24 GB.
+
+This is a synthetic loop (the issue 9 table's first row). benchmarks/bench_gpu_pipeline.py times the stage code
+itself (train() with the speed levers: bf16, fused AdamW, foreach EMA, torch.compile, no checkpointing, the
+rendering loss per object; and the latents encoding): use that one for the README's numbers.
 """
 
 from __future__ import annotations

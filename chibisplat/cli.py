@@ -14,25 +14,34 @@ import sys
 from pathlib import Path
 
 
+TINY_NOTE = ("generate: note: models.source is tiny: this output comes from untrained tiny models (random GSRecon/GSVAE, "
+             "a tiny UNet trained for minutes on a CPU) and checks the plumbing only; it is not a real 3D character. "
+             "Set models.source: pretrained (SD1.5 + the DiffSplat checkpoints) for real results.")
+
+
 def run_generate(params: dict, prompt: str, out_dir: Path | None = None, log=print, **overrides) -> dict[str, Path]:
     """Encode ``prompt`` with the configured text encoder and generate into ``out_dir``."""
     import torch
 
     from chibisplat.dataset.text_encoder import load_text_encoder
+    from chibisplat.device import resolve_device, to_device
     from chibisplat.models.sources import load_model_stack
     from chibisplat.training.inference import GenerateParams, generate, load_trained_unet
     from chibisplat.training.latents import LatentParams
     from chibisplat.training.objective import noise_scheduler
 
     gp = GenerateParams.from_params(params, prompt=prompt, **overrides)
+    device = resolve_device(gp.device, "generate.device (params.yaml, or --device)")
     models = params.get("models") or {}
     embed = params.get("embed") or {}
+    if models.get("source", "tiny") == "tiny":
+        log(TINY_NOTE)
     encoder = load_text_encoder(models, Path(embed.get("tiny_cache_dir", "data/.cache/text_encoder")),
-                                int(embed.get("tiny_seed", 0)), gp.device)
+                                int(embed.get("tiny_seed", 0)), device)
     prompt_embed, null_embed = (torch.from_numpy(e) for e in encoder.encode([gp.prompt, ""]))
-    stack = load_model_stack(models)
-    stack.gsvae.to(gp.device).eval()
-    unet = load_trained_unet(gp.unet, gp.device)
+    stack = load_model_stack(models, with_unet=False)  # GSVAE + scheduler; the trained UNet is loaded below
+    to_device(stack.gsvae, device).eval()
+    unet = load_trained_unet(gp.unet, device)
     resolution = LatentParams.from_params(params).resolution
     return generate(prompt_embed, null_embed, unet, stack, dict(noise_scheduler(stack).config), resolution, gp,
                     Path(out_dir or gp.out_dir), log)

@@ -81,7 +81,8 @@ def plucker_rays(height: int, width: int, c2w: Tensor, fxfycxcy: Tensor) -> Tens
     x = (j / (width - 1) + 0.5 - cx) / fx  # (.., H, W)
     y = (i / (height - 1) + 0.5 - cy) / fy
     d_cam = torch.stack([x, y, torch.ones_like(x)], dim=-1)  # (.., H, W, 3)
-    d = torch.einsum("...rc,...hwc->...hwr", c2w[..., :3, :3], d_cam)
+    with torch.autocast(c2w.device.type, enabled=False):  # rays in c2w's dtype under fp16/bf16 autocast too
+        d = torch.einsum("...rc,...hwc->...hwr", c2w[..., :3, :3], d_cam)
     d = d / d.norm(dim=-1, keepdim=True)
     o = c2w[..., None, None, :3, 3].expand_as(d)
     plucker = torch.cat([torch.cross(o, d, dim=-1), d], dim=-1)  # (.., H, W, 6)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 from pathlib import Path
 
@@ -54,3 +55,20 @@ def sha256_json(obj) -> str:
 
 def sha256_text(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def sha256_sources(asset: Path, referenced: list[Path]) -> str:
+    """``source_sha256`` of an asset (contract section 1): the sha256 of its bytes when it references no external
+    file; otherwise a hash over the asset and every external file it references (textures, buffers, libraries), in
+    the given fixed order: for each, its path relative to the asset's folder, size and sha256. So adding, removing,
+    moving or changing one referenced file changes the asset's key, and only that asset's."""
+    if not referenced:
+        return sha256_file(asset)
+    h = hashlib.sha256()
+    base = Path(asset).parent
+    for p in [Path(asset), *referenced]:
+        name = os.path.relpath(p, base).replace(os.sep, "/").encode()
+        h.update(len(name).to_bytes(4, "little") + name)
+        h.update(p.stat().st_size.to_bytes(8, "little"))
+        h.update(bytes.fromhex(sha256_file(p)))
+    return h.hexdigest()

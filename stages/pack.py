@@ -5,30 +5,25 @@ Reads ``pack:`` from params.yaml. See chibisplat/dataset/pack.py and the dataset
 
 from __future__ import annotations
 
-import argparse
 import sys
-from pathlib import Path
 
 from chibisplat.dataset.captions import CaptionError
 from chibisplat.dataset.pack import PackError, PackParams, pack
-from chibisplat.params import section
+from chibisplat.params import run_stage
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
-    args = parser.parse_args(argv)
-    params = PackParams.from_dict(section("pack", args.params))
-    try:
+    def body(p: dict) -> None:
+        if "pack" not in p:
+            raise KeyError("params.yaml has no 'pack:' section")
+        params = PackParams.from_dict(p["pack"])
         summary = pack(params)
-    except (PackError, CaptionError) as e:
-        print(f"pack: error: {e}", file=sys.stderr)
-        return 1
-    print(
-        f"pack: {summary.characters} characters; {len(summary.written)} shards written, "
-        f"{len(summary.unchanged)} unchanged, {len(summary.removed)} removed -> {params.out_dir}"
-    )
-    return 0
+        print(
+            f"pack: {summary.characters} characters; {len(summary.written)} shards written, "
+            f"{len(summary.unchanged)} unchanged, {len(summary.removed)} removed -> {params.out_dir}"
+        )
+
+    return run_stage("pack", __doc__, body, (PackError, CaptionError, KeyError), argv)
 
 
 if __name__ == "__main__":

@@ -1,26 +1,47 @@
 """DVC stage ``render``: assets -> 40 calibrated views + camera JSON per character.
 
-    python -m stages.render            # reads params.yaml `render:`
+    python -m stages.render                    # reads params.yaml `render:`
+    python -m stages.render --params FILE
 """
 
 import sys
 
-from chibisplat.params import section
+from chibisplat.config_schema import ConfigError
+from chibisplat.params import params_path, section
+from chibisplat.render.options import RenderParamsError
 from chibisplat.render.stage import run_render_stage
 
 
-def main() -> int:
-    params = section("render")
-    report = run_render_stage(params)
-    failed = report["counts"]["failed"]
-    if failed and not params.get("allow_failures", False):
-        print(
-            f"render: {failed} character(s) failed (see {params.get('report')}); the others were rendered. "
-            "Fix them, or set render.allow_failures: true to accept a partial dataset.",
-            file=sys.stderr,
-        )
+def summary(report: dict, allow_failures: bool) -> tuple[int, str | None]:
+    """Exit code and the closing message (None when there is nothing to say), true to the counts."""
+    counts = report["counts"]
+    failed = counts["failed"]
+    if not failed:
+        return 0, None
+    ok = counts["rendered"] + counts["cached"]
+    if ok == 0:
+        state = "no character was rendered"
+    else:
+        state = f"the other {ok} are rendered ({counts['rendered']} now, {counts['cached']} up to date)"
+    where = report.get("report_path") or "the render report"
+    if allow_failures:
+        return 0, f"render: {failed} character(s) failed (see {where}); {state}. render.allow_failures is true: " \
+                  "continuing with a partial dataset."
+    return 1, f"render: {failed} character(s) failed (see {where}); {state}. Fix them, or set " \
+              "render.allow_failures: true to accept a partial dataset."
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        params = section("render", params_path(argv, __doc__))  # the whole file is validated first
+        report = run_render_stage(params)
+    except (ConfigError, RenderParamsError, FileNotFoundError, KeyError, RuntimeError) as e:
+        print(f"render: error: {e}", file=sys.stderr)
         return 1
-    return 0
+    code, message = summary(report, bool(params.get("allow_failures", False)))
+    if message:
+        print(message, file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":

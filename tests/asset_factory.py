@@ -93,3 +93,103 @@ def vrm0_from_glb(glb: Path, out: Path) -> Path:
     gltf.setdefault("extensions", {})["VRM"] = {"specVersion": "0.0", "meta": {"title": "test"}}
     gltf.setdefault("extensionsUsed", []).append("VRM")
     return write_glb(out, gltf, binary)
+
+
+# ----------------------------------------------------------------------------- meshes as GLB (materials, textures)
+
+
+def _mesh_glb(path: Path, positions, normals, uvs, indices, material: dict, images: list[dict] | None = None) -> Path:
+    """One mesh, one primitive, one material. ``material`` is a glTF material dict; ``images`` the glTF images
+    (external ``uri`` entries stay external: the .glb then references files next to it)."""
+    import numpy as np
+
+    pos = np.asarray(positions, np.float32)
+    arrays = [(pos, "VEC3", 5126, 34962), (np.asarray(normals, np.float32), "VEC3", 5126, 34962),
+              (np.asarray(uvs, np.float32), "VEC2", 5126, 34962), (np.asarray(indices, np.uint32).ravel(), "SCALAR", 5125, 34963)]
+    binary, views, accessors = b"", [], []
+    for i, (a, kind, ctype, target) in enumerate(arrays):
+        data = a.tobytes()
+        views.append({"buffer": 0, "byteOffset": len(binary), "byteLength": len(data), "target": target})
+        acc = {"bufferView": i, "componentType": ctype, "count": len(a), "type": kind}
+        if i == 0:
+            acc["min"], acc["max"] = pos.min(0).tolist(), pos.max(0).tolist()
+        accessors.append(acc)
+        binary += data + b"\0" * (-len(data) % 4)
+    gltf = {
+        "asset": {"version": "2.0"}, "scene": 0, "scenes": [{"nodes": [0]}], "nodes": [{"mesh": 0, "name": "body"}],
+        "meshes": [{"primitives": [{"attributes": {"POSITION": 0, "NORMAL": 1, "TEXCOORD_0": 2}, "indices": 3,
+                                    "material": 0}]}],
+        "materials": [material], "accessors": accessors, "bufferViews": views, "buffers": [{"byteLength": len(binary)}],
+    }
+    if images:
+        gltf["images"] = images
+        gltf["textures"] = [{"source": i} for i in range(len(images))]
+    return write_glb(path, gltf, binary)
+
+
+def _cube_mesh(half=(0.5, 0.5, 0.5)):
+    """24 vertices (flat normals per face, UVs 0..1 per face) and 12 triangles."""
+    positions, normals, uvs, indices = [], [], [], []
+    for axis in range(3):
+        for sign in (-1.0, 1.0):
+            n = [0.0, 0.0, 0.0]
+            n[axis] = sign
+            u_axis, v_axis = [a for a in range(3) if a != axis]
+            base = len(positions)
+            for du, dv in ((-1, -1), (1, -1), (1, 1), (-1, 1)):
+                p = [0.0, 0.0, 0.0]
+                p[axis], p[u_axis], p[v_axis] = sign * half[axis], du * half[u_axis], dv * half[v_axis]
+                positions.append(p)
+                normals.append(list(n))
+                uvs.append([(du + 1) / 2, (dv + 1) / 2])
+            quad = [(0, 1, 2), (0, 2, 3)] if sign > 0 else [(0, 2, 1), (0, 3, 2)]
+            if axis == 1:  # the cyclic (u, v, n) order flips for the y faces
+                quad = [(a, c, b) for a, b, c in quad]
+            indices += [[base + a, base + b, base + c] for a, b, c in quad]
+    return positions, normals, uvs, indices
+
+
+def _sphere_mesh(rings: int = 24, segments: int = 48):
+    import math
+
+    positions, normals, uvs, indices = [], [], [], []
+    for r in range(rings + 1):
+        theta = math.pi * r / rings
+        for s in range(segments + 1):
+            phi = 2 * math.pi * s / segments
+            n = [math.sin(theta) * math.cos(phi), math.cos(theta), math.sin(theta) * math.sin(phi)]
+            positions.append([0.5 * c for c in n])
+            normals.append(n)
+            uvs.append([s / segments, r / rings])
+    for r in range(rings):
+        for s in range(segments):
+            a, b = r * (segments + 1) + s, (r + 1) * (segments + 1) + s
+            indices += [[a, a + 1, b], [a + 1, b + 1, b]]
+    return positions, normals, uvs, indices
+
+
+def write_diffuse_glb(path: Path, shape: str = "sphere", base_color=(1.0, 1.0, 1.0)) -> Path:
+    """A white (or ``base_color``) purely diffuse sphere or cube: metallic 0, roughness 1, no texture."""
+    mesh = _sphere_mesh() if shape == "sphere" else _cube_mesh()
+    material = {"name": "diffuse", "pbrMetallicRoughness": {"baseColorFactor": [*base_color, 1.0], "metallicFactor": 0.0,
+                                                            "roughnessFactor": 1.0}}
+    return _mesh_glb(path, *mesh, material)
+
+
+def write_textured_glb(path: Path, texture_uri: str = "textures/skin.png", base_color=(0.15, 0.55, 0.2)) -> Path:
+    """A box whose base colour texture is an external file (``texture_uri``, relative to the .glb, not written
+    here): a .glb can keep images outside its binary chunk. ``base_color`` is the material's baseColorFactor."""
+    material = {"name": "skin", "pbrMetallicRoughness": {"baseColorTexture": {"index": 0}, "metallicFactor": 0.0,
+                                                         "roughnessFactor": 0.9, "baseColorFactor": [*base_color, 1.0]}}
+    return _mesh_glb(path, *_cube_mesh((0.3, 0.2, 0.5)), material, images=[{"uri": texture_uri, "name": "skin"}])
+
+
+def write_texture_png(path: Path, rgb=(230, 230, 230), size: int = 8) -> Path:
+    """A plain RGB texture image."""
+    import numpy as np
+
+    from chibisplat import png
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    png.write_png(path, np.tile(np.array(rgb, np.uint8), (size, size, 1)))
+    return path

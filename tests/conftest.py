@@ -2,25 +2,39 @@
 
 from __future__ import annotations
 
-import copy
+import os
 import shutil
 import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_ASSETS = REPO.parent / "shared" / "assets"
-sys.path.insert(0, str(Path(__file__).parent))  # tests/asset_factory.py, tests/synthetic_renders.py
+sys.path.insert(0, str(Path(__file__).parent))  # tests/asset_factory.py, tests/synthetic_renders.py, ...
+
+from project_config import project_params  # noqa: E402  (needs the path above)
 
 # The bundled sample used for Blender-backed fixtures (the product's own character, not a shared asset).
 FIXTURE_SAMPLE = "witch_girl"
 
 
+def in_ci() -> bool:
+    """CI sets CI=true (GitHub Actions, GitLab, .ci/run): there a missing prerequisite is a failure, not a skip."""
+    return os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
+
+
+def skip_or_fail(reason: str) -> None:
+    """Outside CI, skip (a developer machine may lack ../shared/assets or sshd); under CI=true, fail, so a green CI
+    run never hides a test that did not run."""
+    if in_ci():
+        pytest.fail(f"CI=true and {reason}", pytrace=False)
+    pytest.skip(reason)
+
+
 def default_render_params() -> dict:
-    with open(REPO / "params.yaml") as f:
-        return copy.deepcopy(yaml.safe_load(f)["render"])
+    """params.yaml's render section at the tests' baseline (tests/project_config.py)."""
+    return project_params()["render"]
 
 
 def render_params(tmp: Path, **overrides) -> dict:
@@ -49,7 +63,7 @@ def sample_asset(name: str = FIXTURE_SAMPLE) -> Path:
 def shared_asset(name: str) -> Path:
     path = SHARED_ASSETS / name
     if not path.is_file():
-        pytest.skip(f"{path} not available (../shared/assets is provided next to the repository)")
+        skip_or_fail(f"{path} is not available (../shared/assets is provided next to the repository)")
     return path
 
 

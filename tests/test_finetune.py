@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from project_config import committed_text, project_params
 from synthetic_renders import make_packed
 
 from chibisplat.models.sources import ModelSourceError, load_model_stack
@@ -43,10 +44,12 @@ def _models(out: Path | None, **kw) -> dict:
 
 
 def test_repository_params_parse_and_default_to_off():
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    committed = yaml.safe_load(committed_text("params.yaml"))  # the defaults a fresh clone gets
+    assert committed["finetune"]["gsrecon"] is False and committed["finetune"]["gsvae"] is False
+    assert committed["models"]["finetuned"] == committed["finetune"]["out_dir"]  # where the finetune stage writes
+    params = project_params()
     p = FinetuneParams.from_params(params)
     assert not p.gsrecon and not p.gsvae and not p.enabled
-    assert params["models"]["finetuned"] == p.out_dir
     params["models"]["source"] = "pretrained"
     # The real preset fine-tunes GSRecon at the resolution it then encodes the latents at.
     assert FinetuneParams.from_params(params).resolution == params["latents"]["presets"]["pretrained"]["resolution"]
@@ -146,7 +149,7 @@ def test_refuses_to_run_in_several_processes(packed16, tmp_path, monkeypatch):
 
 
 def test_stage_reports_missing_packed_data(tmp_path):
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params = project_params()
     params["finetune"].update(gsrecon=True, packed_dir=str(tmp_path / "nothing"), out_dir=str(tmp_path / "ft"),
                               metrics_dir=str(tmp_path / "m"))
     (tmp_path / "p.yaml").write_text(yaml.safe_dump(params))

@@ -8,6 +8,7 @@ import imageio.v2 as imageio
 
 import torch
 import yaml
+from project_config import project_params
 
 from chibisplat.cli import main
 from chibisplat.splats.ply import read_ply
@@ -29,7 +30,7 @@ def test_generate_cli_writes_ply_and_gif(tmp_path):
     from chibisplat.models.sources import tiny_model_stack
 
     tiny_model_stack(0).unet.save_pretrained(str(tmp_path / "unet"))
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params = project_params()
     params["embed"]["tiny_cache_dir"] = str(tmp_path / "text_encoder")
     params["latents"]["resolution"] = 64
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))

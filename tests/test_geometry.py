@@ -124,3 +124,71 @@ def test_fov_is_39_6_degrees():
     from chibisplat.geometry import fov_from_focal
 
     assert math.degrees(fov_from_focal()) == pytest.approx(39.598, abs=1e-3)
+
+
+def _rotation_xyz(ax: float, ay: float, az: float) -> np.ndarray:
+    """Rz @ Ry @ Rx (radians): a rotation with no symmetry, so a transposed matrix gives other rays."""
+    cx, sx, cy, sy, cz, sz = np.cos(ax), np.sin(ax), np.cos(ay), np.sin(ay), np.cos(az), np.sin(az)
+    rx = np.array([[1, 0, 0], [0, cx, -sx], [0, sx, cx]])
+    ry = np.array([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]])
+    rz = np.array([[cz, -sz, 0], [sz, cz, 0], [0, 0, 1]])
+    return rz @ ry @ rx
+
+
+def plucker_by_hand(height: int, width: int, c2w: np.ndarray, fxfycxcy) -> np.ndarray:
+    """Reference §2, pixel by pixel in float64: d = normalise(R [(j/(W-1) + 0.5 - cx)/fx, (i/(H-1) + 0.5 - cy)/fy, 1]),
+    channels [o x d (3), d (3)]."""
+    fx, fy, cx, cy = fxfycxcy
+    out = np.zeros((6, height, width))
+    o = c2w[:3, 3]
+    for i in range(height):
+        for j in range(width):
+            d_cam = np.array([(j / (width - 1) + 0.5 - cx) / fx, (i / (height - 1) + 0.5 - cy) / fy, 1.0])
+            d = c2w[:3, :3] @ d_cam
+            d = d / np.sqrt(d @ d)
+            out[:3, i, j] = np.cross(o, d)
+            out[3:, i, j] = d
+    return out
+
+
+def test_plucker_rays_by_hand_rotated_non_square_off_centre():
+    """A rotated, translated camera; 5x7 pixels; fx != fy and an off-centre principal point."""
+    H, W = 5, 7
+    c2w = np.eye(4)
+    c2w[:3, :3] = _rotation_xyz(0.3, -0.7, 1.1)
+    c2w[:3, 3] = [0.4, -0.25, 1.3]
+    intr = (1.25, 0.9, 0.42, 0.61)
+    got = plucker_rays(H, W, torch.from_numpy(c2w), torch.tensor(intr, dtype=torch.float64)).numpy()
+    expected = plucker_by_hand(H, W, c2w, intr)
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-12)
+    # Spelled out at one pixel (i=1, j=5), so the test does not only agree with a loop written the same way.
+    d_cam = np.array([(5 / 6 + 0.5 - 0.42) / 1.25, (1 / 4 + 0.5 - 0.61) / 0.9, 1.0])
+    d = c2w[:3, :3] @ d_cam / np.linalg.norm(d_cam)
+    o = c2w[:3, 3]
+    moment = [o[1] * d[2] - o[2] * d[1], o[2] * d[0] - o[0] * d[2], o[0] * d[1] - o[1] * d[0]]
+    np.testing.assert_allclose(got[:, 1, 5], np.concatenate([moment, d]), rtol=0, atol=1e-12)
+    # The pixels used above are not symmetric ones: a transposed rotation or swapped image axes change them.
+    transposed = c2w.copy()
+    transposed[:3, :3] = c2w[:3, :3].T
+    assert np.abs(plucker_by_hand(H, W, transposed, intr) - expected).max() > 0.1
+    assert np.abs(plucker_by_hand(W, H, c2w, intr).transpose(0, 2, 1) - expected).max() > 0.1
+    # float32 inputs (what training uses) agree to float32 precision.
+    got32 = plucker_rays(H, W, torch.from_numpy(c2w).float(), torch.tensor(intr)).numpy()
+    np.testing.assert_allclose(got32, expected, rtol=0, atol=1e-5)
+
+
+def test_plucker_condition_is_the_2x2_mean_of_the_image_rays():
+    """Bilinear resize by 1/2 (align_corners=False) samples between each 2x2 block: the mean of the four rays."""
+    from chibisplat.models.gsdiff import plucker_condition
+
+    c2w = np.stack([np.eye(4), np.eye(4)])
+    c2w[0, :3, :3] = _rotation_xyz(-0.2, 0.5, 2.0)
+    c2w[0, :3, 3] = [0.1, 0.9, -1.2]
+    c2w[1, :3, :3] = _rotation_xyz(1.0, 0.1, -0.4)
+    c2w[1, :3, 3] = [-0.7, 0.2, 0.5]
+    intr = np.array([[1.3, 1.1, 0.55, 0.45], [1.0, 1.6, 0.5, 0.3]])
+    got = plucker_condition(torch.from_numpy(c2w), torch.from_numpy(intr), 8, 4).numpy()
+    for n in range(2):
+        full = plucker_by_hand(8, 8, c2w[n], intr[n])
+        expected = full.reshape(6, 4, 2, 4, 2).mean(axis=(2, 4))
+        np.testing.assert_allclose(got[n], expected, rtol=0, atol=1e-12)

@@ -7,6 +7,7 @@ import random
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
 from synthetic_renders import CHIBI, make_packed, render_character
@@ -225,21 +226,61 @@ def test_dataset_yields_the_caption_embedding_and_collates(packed):
     assert ds.embeddings.null.shape == (77, 768)
 
 
+ALL_CHIBIS = [f"chibi_{k:02d}" for k in range(8)]
+
+
+def _per_rank(files, emb, world_size: int, num_workers: int) -> list[list[str]]:
+    return [_uids(PackedViewsDataset(files, emb, ViewConfig(resolution=16), rank=r, world_size=world_size,
+                                     shuffle_buffer=2), num_workers=num_workers) for r in range(world_size)]
+
+
+@pytest.mark.parametrize("world_size, num_workers", [(2, 1), (2, 2), (3, 1), (8, 1)])
+def test_rank_shards_are_disjoint_and_cover_every_character(packed, world_size, num_workers):
+    """One character per row group (8 groups): whole row groups are dealt to the readers."""
+    files, emb = packed
+    per_rank = _per_rank(files, emb, world_size, num_workers)
+    assert all(per_rank)
+    for r in range(world_size):
+        assert len(set(per_rank[r])) == len(per_rank[r]), (r, per_rank[r])  # nothing twice within a rank
+        for q in range(r):
+            assert not set(per_rank[r]) & set(per_rank[q]), (r, q)  # nothing shared between ranks
+    assert sorted(u for rank in per_rank for u in rank) == ALL_CHIBIS
+    # Balanced to one row group: DDP ranks step together.
+    assert max(map(len, per_rank)) - min(map(len, per_rank)) <= 1
+
+
+def test_rank_shards_split_rows_when_row_groups_are_fewer_than_readers(packed, tmp_path):
+    """The same 8 characters packed 4 per row group into one shard: 2 row groups for 4 readers, so rows are dealt."""
+    from chibisplat.dataset.pack import PackParams, pack
+
+    files, emb = packed
+    root = files[0].parents[2]
+    out = tmp_path / "packed4"
+    pack(PackParams(renders_dir=root / "renders", assets_dir=root / "assets", out_dir=out, num_shards=1,
+                    val_fraction=0.0, rows_per_group=4), log=lambda *_: None)
+    four = packed_files(out, "train")
+    assert sum(pq.ParquetFile(f).num_row_groups for f in four) == 2
+    per_rank = _per_rank(four, emb, 2, 2)
+    assert [len(r) for r in per_rank] == [4, 4]
+    assert not set(per_rank[0]) & set(per_rank[1])
+    assert sorted(per_rank[0] + per_rank[1]) == ALL_CHIBIS
+
+
 def test_few_row_groups_still_feed_every_reader(packed):
+    """Fewer rows than readers: every reader still gets a row (an empty rank would stall DDP), all rows are read."""
     files, emb = packed
     one = files[:1]
+    n_rows = sum(pq.ParquetFile(f).metadata.num_rows for f in one)
+    assert 0 < n_rows < 4
     got = [_uids(PackedViewsDataset(one, emb, ViewConfig(resolution=16), rank=r, world_size=4)) for r in range(4)]
-    assert all(got)
+    assert all(len(g) == 1 for g in got)
+    assert len({u for g in got for u in g}) == n_rows
 
 
 @pytest.mark.slow
-def test_blender_rendered_character(request):
+def test_blender_rendered_character(rendered_character_128):
     """The lead's real Blender render (tests/conftest.py ``rendered_character_128``) through the loader."""
-    try:
-        folder = Path(request.getfixturevalue("rendered_character_128"))
-    except pytest.FixtureLookupError:
-        pytest.skip("tests/conftest.py provides no rendered_character_128 fixture")
-    chibi = load_folder(folder)
+    chibi = load_folder(Path(rendered_character_128))
     out = object_views(*chibi, RING_B_INPUTS + [0, 6, 12, 18], ViewConfig(resolution=128))
     assert torch.allclose(out["C2W"][0, :3, 3], torch.tensor([0.0, 0.0, 1.4]), atol=1e-5)
     xyz = out["coord"] * 2 - 1

@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 from accelerate import init_empty_weights
 from diffusers import UNet2DConditionModel
@@ -88,3 +89,65 @@ def test_diffsplat_unet_ema_folder_loads_strictly(tmp_path):
     assert loaded.config.in_channels == 10 and loaded.config.input_concat_plucker
     assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in mv.state_dict().items())
     assert any(isinstance(p, MultiViewSelfAttnProcessor) for p in loaded.attn_processors.values())
+
+
+def _diffsplat_folder(tmp_path, seed=5):
+    """A tiny GSDiff UNet saved as DiffSplat's unet_ema (config naming the MV2D blocks)."""
+    mv = widen_conv_in(tiny_unet4(seed), 10, sample_size=32)
+    folder = tmp_path / "unet_ema"
+    mv.save_pretrained(folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["down_block_types"] = ["CrossAttnDownBlockMV2D", "DownBlock2D"]
+    cfg["up_block_types"] = ["UpBlock2D", "CrossAttnUpBlockMV2D"]
+    (folder / "config.json").write_text(json.dumps(cfg))
+    return mv, folder
+
+
+@pytest.mark.parametrize("defect", ["missing", "extra", "mis-shaped"])
+def test_unet_folder_with_a_wrong_key_is_refused_by_name(tmp_path, defect):
+    from safetensors.torch import load_file, save_file
+
+    _, folder = _diffsplat_folder(tmp_path)
+    weights = folder / "diffusion_pytorch_model.safetensors"
+    state = load_file(str(weights))
+    key = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.weight"
+    if defect == "missing":
+        del state[key]
+    elif defect == "extra":
+        key = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_z.weight"
+        state[key] = torch.zeros(3)
+    else:
+        state[key] = torch.zeros(7, 7)
+    save_file(state, str(weights))
+    with pytest.raises(ValueError) as e:
+        load_mv_unet(folder)
+    assert key in str(e.value) and str(folder) in str(e.value)
+    expected = {"missing": "missing [", "extra": "unexpected [", "mis-shaped": "shape mismatches ["}[defect]
+    assert f"{expected}{key}" in str(e.value)
+
+
+def test_sharded_unet_folder_loads_every_shard(tmp_path):
+    """diffusers' sharded layout (index.json -> several files): the weights of all shards, exactly."""
+    from safetensors.torch import load_file, save_file
+
+    mv, folder = _diffsplat_folder(tmp_path, seed=9)
+    single = folder / "diffusion_pytorch_model.safetensors"
+    state = load_file(str(single))
+    single.unlink()
+    keys = sorted(state)
+    shards = {"diffusion_pytorch_model-00001-of-00002.safetensors": keys[::2],
+              "diffusion_pytorch_model-00002-of-00002.safetensors": keys[1::2]}
+    weight_map = {}
+    for name, part in shards.items():
+        save_file({k: state[k] for k in part}, str(folder / name))
+        weight_map.update({k: name for k in part})
+    (folder / "diffusion_pytorch_model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": 0}, "weight_map": weight_map}))
+    loaded = load_mv_unet(folder)
+    own = mv.state_dict()
+    assert set(loaded.state_dict()) == set(own)
+    assert all(torch.equal(v, own[k]) for k, v in loaded.state_dict().items())
+    # A shard named by the index but absent is an error, not a silently partial model.
+    (folder / "diffusion_pytorch_model-00002-of-00002.safetensors").unlink()
+    with pytest.raises(Exception, match="00002-of-00002|No such file"):
+        load_mv_unet(folder)

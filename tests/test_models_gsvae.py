@@ -1,5 +1,6 @@
 """GSVAE: published key layout, DiffSplat's tiled initialisation, encode/decode paths and round trips."""
 
+import pytest
 import torch
 from accelerate import init_empty_weights
 
@@ -97,3 +98,28 @@ def test_round_trips(tmp_path):
     fresh = GSAutoencoderKL(**{k: v for k, v in model.config.items() if not k.startswith("_")})
     load_accelerate_checkpoint(fresh, tmp_path / "gsvae_gobj265k_sd", 50)
     assert all(torch.equal(v, fresh.state_dict()[k]) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("defect", ["missing", "extra", "mis-shaped"])
+def test_gsvae_checkpoint_with_a_wrong_key_is_refused_by_name(tmp_path, defect):
+    from safetensors.torch import load_file, save_file
+
+    model = GSAutoencoderKL.from_rgb_autoencoders(*tiny_rgb_parts(4))
+    path = save_accelerate_checkpoint(model, tmp_path / "gsvae_gobj265k_sd", 7)
+    state = load_file(str(path))
+    key = "vae.decoder.conv_out.weight"
+    if defect == "missing":
+        del state[key]
+    elif defect == "extra":
+        key = "tiny_decoder.layers.99.weight"
+        state[key] = torch.zeros(2)
+    else:
+        state[key] = state[key][:3].contiguous()  # an RGB conv_out where the GSVAE has 12 channels
+    save_file(state, str(path))
+    fresh = GSAutoencoderKL(**{k: v for k, v in model.config.items() if not k.startswith("_")})
+    before = {k: v.clone() for k, v in fresh.state_dict().items()}
+    with pytest.raises(ValueError) as e:
+        load_accelerate_checkpoint(fresh, tmp_path / "gsvae_gobj265k_sd")
+    expected = {"missing": "missing [", "extra": "unexpected [", "mis-shaped": "shape mismatches ["}[defect]
+    assert f"{expected}{key}" in str(e.value) and str(path) in str(e.value)
+    assert all(torch.equal(v, fresh.state_dict()[k]) for k, v in before.items())  # nothing half-loaded

@@ -63,3 +63,46 @@ def test_tiny_end_to_end_views_to_render():
         out = rasterize(g, c2w[0, 1], K, 32, 32)  # Gaussians -> image
     assert out["image"].shape == (3, 32, 32) and out["alpha"].shape == (1, 32, 32)
     assert torch.isfinite(out["image"]).all()
+
+
+def test_pretrained_source_loads_a_complete_published_layout(tmp_path, monkeypatch):
+    """`models.source: pretrained` on folders laid out as the Hub publishes them (DiffSplat's three checkpoints,
+    SD1.5's unet/scheduler configs), filled with tiny weights: every model is loaded strictly, bit for bit, from
+    the path it belongs to. (The full-size classes are swapped for their tiny configuration; the layout, file names,
+    latest-iteration choice and strict loading are the product's.)"""
+    import json
+
+    from chibisplat.models import sources
+    from chibisplat.models.checkpoints import save_accelerate_checkpoint
+    from chibisplat.models.gsrecon import GSRecon
+    from chibisplat.models.gsvae import GSAutoencoderKL
+    from chibisplat.training.objective import SD15_SCHEDULER_CONFIG, noise_scheduler
+
+    published = tiny_model_stack(seed=11)
+    root, sd15 = tmp_path / "diffsplat", tmp_path / "sd15"
+    save_accelerate_checkpoint(tiny_model_stack(seed=12).gsrecon, root / sources.GSRECON_TAG, 1000)  # older
+    save_accelerate_checkpoint(published.gsrecon, root / sources.GSRECON_TAG, 124320)
+    save_accelerate_checkpoint(published.gsvae, root / sources.GSVAE_TAG, 2000)
+    published.unet.save_pretrained(root / sources.GSDIFF_UNET_SUBDIR)
+    cfg_path = root / sources.GSDIFF_UNET_SUBDIR / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg.update(_class_name="UNetMV2DConditionModel", down_block_types=["CrossAttnDownBlockMV2D", "DownBlock2D"],
+               up_block_types=["UpBlock2D", "CrossAttnUpBlockMV2D"], mid_block_type="UNetMidBlockMV2DCrossAttn")
+    cfg_path.write_text(json.dumps(cfg))
+    (sd15 / "unet").mkdir(parents=True)
+    (sd15 / "unet" / "config.json").write_text(json.dumps({"_class_name": "UNet2DConditionModel"}))
+    DDPMScheduler.from_config(SD15_SCHEDULER_CONFIG).save_pretrained(sd15 / "scheduler")
+
+    tiny_vae_config = {k: v for k, v in published.gsvae.config.items() if not k.startswith("_")}
+    monkeypatch.setattr(sources, "GSRecon", lambda: GSRecon(**sources.TINY_GSRECON))
+    monkeypatch.setattr(sources, "GSAutoencoderKL", lambda: GSAutoencoderKL(**tiny_vae_config))
+    stack = load_model_stack({"source": "pretrained", "diffsplat": {"path": str(root)}, "sd15": {"path": str(sd15)},
+                              "finetuned": None})
+    assert stack.source == "pretrained" and stack.sd15_path == sd15
+    for name in ("gsrecon", "gsvae", "unet"):
+        want, got = getattr(published, name).state_dict(), getattr(stack, name).state_dict()
+        assert set(got) == set(want), name
+        assert all(torch.equal(got[k], v) for k, v in want.items()), name
+    assert stack.unet.config.in_channels == 10 and not stack.gsrecon.training
+    sched = noise_scheduler(stack)
+    assert torch.equal(sched.alphas_cumprod, DDPMScheduler.from_config(SD15_SCHEDULER_CONFIG).alphas_cumprod)

@@ -10,6 +10,9 @@ import sys
 import textwrap
 from pathlib import Path
 
+
+import cv2
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from synthetic_renders import make_dataset, render_character, tinted, CHIBI
@@ -55,7 +58,7 @@ def test_split_and_shard_are_pure_functions_of_the_uid():
     assert shards == [shard_of(u, 8) for u in uids]
 
 
-def test_rows_hold_the_render_bytes_unchanged(data):
+def test_rows_hold_the_render_bytes_and_normal_depth_pixels(data):
     p = params(data)
     summary = pack(p, log=lambda *_: None)
     assert summary.characters == 6 and not summary.unchanged
@@ -78,7 +81,13 @@ def test_rows_hold_the_render_bytes_unchanged(data):
             folder = data / "renders" / row["uid"]
             assert len(row["images"]) == len(row["normal_depth"]) == len(row["cameras"]) == 40
             assert row["images"][7]["bytes"] == (folder / "00007.png").read_bytes()
-            assert row["normal_depth"][39]["bytes"] == (folder / "00039_nd.png").read_bytes()
+            # normal_depth: the _nd.png's 4 channels as 16-bit grayscale PNGs, the same pixel values (decoded with
+            # OpenCV here, independently of the project's readers)
+            nd = cv2.imread(str(folder / "00039_nd.png"), cv2.IMREAD_UNCHANGED)  # BGRA uint16
+            assert len(row["normal_depth"][39]) == 4
+            for c, bgra in enumerate((2, 1, 0, 3)):
+                ch = cv2.imdecode(np.frombuffer(row["normal_depth"][39][c]["bytes"], np.uint8), cv2.IMREAD_UNCHANGED)
+                assert ch.dtype == np.uint16 and np.array_equal(ch, nd[:, :, bgra]), c
             assert row["cameras"][25] == (folder / "00025.json").read_text()
             meta = json.loads((folder / "meta.json").read_text())
             assert row["source_sha256"] == meta["source_sha256"]
@@ -103,7 +112,7 @@ def test_hf_datasets_decodes_the_shards_without_project_code(data, tmp_path):
         row = ds[0]
         assert len(row["images"]) == 40 and len(row["normal_depth"]) == 40, len(row["images"])
         assert row["images"][0].size == (24, 24) and row["images"][0].mode == "RGBA", row["images"][0]
-        assert all(hasattr(im, "size") for im in row["normal_depth"])
+        assert all(len(view) == 4 and view[3].mode == "I;16" for view in row["normal_depth"])
         assert json.loads(row["cameras"][13])["index"] == 13
         assert not any(m.startswith("chibisplat") for m in sys.modules)  # (an editable-install finder may exist)
         print("ok", ds.num_rows)
@@ -244,12 +253,9 @@ def test_stage_script_reads_params(data, tmp_path):
 
 
 @pytest.mark.slow
-def test_blender_rendered_character_passes_validation(request, tmp_path):
+def test_blender_rendered_character_passes_validation(rendered_character_128, tmp_path):
     """The lead's real Blender render (tests/conftest.py ``rendered_character_128``) packs cleanly."""
-    try:
-        folder = Path(request.getfixturevalue("rendered_character_128"))
-    except pytest.FixtureLookupError:
-        pytest.skip("tests/conftest.py provides no rendered_character_128 fixture")
+    folder = Path(rendered_character_128)
     shutil.copytree(folder, tmp_path / "renders" / folder.name)
     p = PackParams(
         renders_dir=tmp_path / "renders", assets_dir=tmp_path / "assets", out_dir=tmp_path / "packed",

@@ -60,7 +60,7 @@ def test_single_gaussian_centre_and_depth():
     c2w, K = camera(32, dtype=torch.float64)
     centre = torch.tensor([[0.0, 0.0, 0.0]], dtype=torch.float64)
     g = Gaussians(centre, torch.tensor([[1.0, 0, 0, 0]], dtype=torch.float64), torch.full((1, 3), 0.05, dtype=torch.float64),
-                  torch.tensor([0.8], dtype=torch.float64), torch.tensor([[1.0, 0.0, 0.0]], dtype=torch.float64))
+                  torch.tensor([0.8], dtype=torch.float64), torch.tensor([[0.9, 0.5, 0.1]], dtype=torch.float64))
     out = rasterize_torch(g, c2w, K, 32, 32)
     alpha = out["alpha"][0]
     peak = torch.nonzero(alpha == alpha.max())[0].tolist()
@@ -72,6 +72,9 @@ def test_single_gaussian_centre_and_depth():
     expected_depth = out["depth"][0] / alpha.clamp(min=1e-9)
     assert expected_depth[16, 16].item() == pytest.approx(dist, abs=1e-6)
     assert out["image"][1, 0, 0].item() == pytest.approx(1.0)  # white background far from it
+    # Each channel at every pixel: its own colour over the white background, colour * alpha + (1 - alpha).
+    for c, colour in enumerate((0.9, 0.5, 0.1)):
+        assert torch.allclose(out["image"][c], colour * alpha + (1 - alpha), rtol=0, atol=1e-12), c
 
 
 def test_gradients_match_finite_differences():

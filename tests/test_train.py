@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from project_config import parse_params, project_params
 
 from chibisplat.training.latents import EVEN_VIEW_SETS
 from chibisplat.training.lpips import LPIPS, load_lpips
@@ -58,7 +59,7 @@ def fake_latent_dir(root: Path, n_chars: int = 3, size: int = 8, render_res: int
 
 
 def make_params(root: Path, latents: Path, embeddings: Path, **train) -> dict:
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params = project_params()
     params["train"].update(
         latents_dir=str(latents), embeddings=str(embeddings), out_dir=str(root / "models"),
         metrics_dir=str(root / "metrics"), log_every=5,
@@ -77,14 +78,16 @@ def test_presets_follow_models_source_and_explicit_keys_win():
     from chibisplat.training.config import resolved_section
     from chibisplat.training.train import TrainParams
 
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
-    assert params["train"]["lr"] is None  # declared (null = the preset's value) so `-S train.lr=...` finds the key
+    # Declared in params.yaml (committed as null = the preset's value), so `dvc exp run -S train.lr=...` finds the key.
+    assert "lr" in parse_params(REPO / "params.yaml")["train"]
+    params = project_params()
+    assert params["train"]["lr"] is None and params["models"]["source"] == "tiny"
     tiny = TrainParams.from_params(params)
     assert tiny.lr == params["train"]["presets"]["tiny"]["lr"]
     params["models"]["source"] = "pretrained"
     pre = TrainParams.from_params(params)
-    assert (tiny.mode, pre.mode) == ("full", "lora") and pre.mixed_precision == "fp16" and pre.batch_size == 8
-    assert pre.gradient_checkpointing and pre.lr == 1e-4
+    assert (tiny.mode, pre.mode) == ("full", "lora") and pre.mixed_precision == "bf16" and pre.batch_size == 8
+    assert not pre.gradient_checkpointing and pre.fused_adamw and pre.ema_foreach and pre.lr == 1e-4  # GPU levers
     params["train"]["lr"] = 3e-4
     assert TrainParams.from_params(params).lr == 3e-4
     assert resolved_section(params, "latents")["resolution"] == 256
@@ -93,7 +96,7 @@ def test_presets_follow_models_source_and_explicit_keys_win():
 def test_old_finetune_switches_in_train_point_to_the_finetune_stage():
     from chibisplat.training.train import TrainParams
 
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params = project_params()
     params["train"]["finetune_gsvae"] = True
     with pytest.raises(KeyError, match="finetune.gsrecon / finetune.gsvae"):
         TrainParams.from_params(params)
@@ -248,6 +251,84 @@ def test_tiny_training_loss_drops_and_frozen_does_not(tmp_path):
     assert (tmp_path / "a" / "models" / "unet" / "diffusion_pytorch_model.safetensors").read_bytes() == weights
 
 
+def test_micro_batches_are_a_function_of_rank_step_and_micro_batch(tmp_path):
+    """What each training process draws (train.MicroBatches): rank r's micro-batch m of step s is the draw of
+    step_generator(seed, s, m, r); ranks draw different noise and objects; a run resumed at step s draws exactly
+    the uninterrupted run's micro-batches from step s on."""
+    from types import SimpleNamespace
+
+    from chibisplat.training.latents import load_latent_set
+    from chibisplat.training.objective import noise_scheduler, sample_batch, step_generator
+    from chibisplat.training.train import MicroBatches, TrainParams
+
+    latents, embeddings = fake_latent_dir(tmp_path)
+    data = load_latent_set(latents, "train", embeddings)
+    sched = noise_scheduler(SimpleNamespace(sd15_path=None))
+    p = TrainParams(seed=7, max_steps=5, batch_size=2, gradient_accumulation_steps=2, cfg_dropout=0.0)
+    ident = lambda z: z
+    ranks = [MicroBatches(data, sched, ident, p, rank, 0, False) for rank in (0, 1)]
+    resumed = MicroBatches(data, sched, ident, p, 1, 3, False)
+    assert len(ranks[0]) == 10 and len(resumed) == 4
+    items = [[r[i] for i in range(10)] for r in ranks]
+    order = [(s, m) for s in range(5) for m in range(2)]
+    for rank in (0, 1):
+        for i, (s, m) in enumerate(order):
+            want = sample_batch(data, 2, step_generator(7, s, m, rank)).index
+            assert torch.equal(items[rank][i]["batch"].index, want), (rank, s, m)
+    for i in range(10):  # every micro-batch: the ranks' noise differs
+        assert not torch.equal(items[0][i]["inputs"]["noise"], items[1][i]["inputs"]["noise"]), order[i]
+    assert sum(torch.equal(a["batch"].index, b["batch"].index) for a, b in zip(*items)) <= 2
+    assert not torch.equal(items[0][0]["inputs"]["noise"], items[0][1]["inputs"]["noise"])  # micro-batches of a step
+    for i in range(4):  # resumed at step 3 = items 6.. of the uninterrupted rank-1 run
+        assert torch.equal(resumed[i]["inputs"]["noise"], items[1][6 + i]["inputs"]["noise"])
+        assert torch.equal(resumed[i]["batch"].index, items[1][6 + i]["batch"].index)
+
+
+class _Killed(Exception):
+    pass
+
+
+def _unet_weights(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "models" / "unet" / "diffusion_pytorch_model.safetensors"))
+
+
+def test_resume_is_bit_exact_in_process(tmp_path, monkeypatch):
+    """Interrupted inside step 3 (after the step-2 checkpoint), then resumed: the same per-step losses and the same
+    final (EMA, LoRA-merged) weights as an uninterrupted run, bit for bit (torch.equal), as the README claims."""
+    from chibisplat.training import train as train_mod
+
+    latents, embeddings = fake_latent_dir(tmp_path)
+    settings = dict(max_steps=4, checkpointing_steps=2, mode="lora", lr=1e-3, use_ema=True, ema_decay=0.9)
+    ref = run_train(make_params(tmp_path / "ref", latents, embeddings, **settings))
+
+    real, calls = train_mod.training_step, {"n": 0}
+
+    def killed_in_step_3(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise _Killed()
+        return real(*args, **kwargs)
+
+    params = make_params(tmp_path / "cut", latents, embeddings, **settings)
+    monkeypatch.setattr(train_mod, "training_step", killed_in_step_3)
+    with pytest.raises(_Killed):
+        run_train(params)
+    monkeypatch.setattr(train_mod, "training_step", real)
+    resumed = run_train(params)
+    assert resumed.resumed_from == 2 and resumed.losses == ref.losses[2:]
+    a, b = _unet_weights(tmp_path / "ref"), _unet_weights(tmp_path / "cut")
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, different[:5]
+    # ... and the run really trained: the final weights are not the initial ones.
+    from chibisplat.models.sources import tiny_model_stack
+
+    init = tiny_model_stack(0).unet.state_dict()
+    assert any(not torch.equal(init[k], a[k]) for k in a)
+
+
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     from chibisplat.training import train as train_mod
     from chibisplat.training.train import NonFiniteLoss
@@ -307,9 +388,9 @@ def test_resume_after_sigkill_equals_uninterrupted_run(tmp_path):
     assert "resumed from" in done.stdout
     a = load_file(str(tmp_path / "ref" / "models" / "unet" / "diffusion_pytorch_model.safetensors"))
     b = load_file(str(tmp_path / "killed" / "models" / "unet" / "diffusion_pytorch_model.safetensors"))
-    err = max((a[k] - b[k]).abs().max().item() for k in a)
-    print(f"resume max abs weight difference: {err:.3e}")
-    assert err <= 1e-6
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, f"{len(different)} tensors differ after the resume, e.g. {different[:3]}"
     rows = (tmp_path / "killed" / "metrics" / "plots" / "metrics" / "train" / "diffusion_loss.tsv").read_text().splitlines()
     assert len(rows) == steps + 1  # header + one row per step, none duplicated by the kill
 
@@ -317,18 +398,34 @@ def test_resume_after_sigkill_equals_uninterrupted_run(tmp_path):
 @pytest.mark.slow
 def test_two_processes_train_with_ddp_on_cpu(tmp_path):
     """The multi-process path of `accelerate launch` (DDP over gloo on CPU, launched by torchrun): two ranks draw
-    their own micro-batches, checkpoint with both ranks' RNG states, and rank 0 writes one loadable UNet."""
+    different micro-batches, end with identical weights, checkpoint with both ranks' RNG states, and rank 0 writes one
+    loadable UNet. (tests/ddp_probe.py records each rank's draws and final weights around the unchanged stage.)"""
     from chibisplat.models.gsdiff import load_mv_unet
 
     latents, embeddings = fake_latent_dir(tmp_path)
-    params = make_params(tmp_path / "run", latents, embeddings, max_steps=6, checkpointing_steps=3, mode="lora", lr=1e-2)
+    steps = 6
+    params = make_params(tmp_path / "run", latents, embeddings, max_steps=steps, checkpointing_steps=3, mode="lora",
+                         lr=1e-2, batch_size=2)
+    if "dataloader_workers" in params["train"]:
+        params["train"]["dataloader_workers"] = 0  # draws in the rank's own process, where the probe records them
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    probe = tmp_path / "probe"
+    probe.mkdir()
     torchrun = Path(sys.executable).with_name("torchrun")
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([str(torchrun), "--nproc_per_node", "2", "--master_port", str(_free_port()), "-m", "stages.train",
-                        "--params", str(tmp_path / "params.yaml")], cwd=REPO, env=env, capture_output=True, text=True,
-                       timeout=600)
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "PROBE_OUT": str(probe)}
+    r = subprocess.run([str(torchrun), "--nproc_per_node", "2", "--master_port", str(_free_port()),
+                        str(REPO / "tests" / "ddp_probe.py"), "--params", str(tmp_path / "params.yaml")], cwd=REPO,
+                       env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    drawn = [json.loads((probe / f"drawn_rank{k}.json").read_text()) for k in range(2)]
+    assert len(drawn[0]) == len(drawn[1]) == steps
+    # Different micro-batches: at most one step may coincide by chance (2 of 18 objects per draw).
+    assert sum(a == b for a, b in zip(*drawn)) <= 1, drawn
+    weights = [torch.load(probe / f"weights_rank{k}.pt") for k in range(2)]
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0]), "ranks ended with different weights"
+    lora = [k for k in weights[0] if "lora_B" in k]  # LoRA's B starts at zero: non-zero = the ranks trained
+    assert lora and any(weights[0][k].abs().sum() > 0 for k in lora)
     assert "x 2 process(es)" in r.stdout, r.stdout
     assert r.stdout.count("train: final UNet") == 1  # rank 0 only
     ckpts = sorted((tmp_path / "run" / "models" / "checkpoints").iterdir())

@@ -9,6 +9,11 @@ For an asset ``<assets>/heroes/Mika Chan.fbx`` (meta.json ``source: heroes/Mika 
 
 A sidecar and a captions.yaml entry that disagree, or a caption that is missing with no default, is an error
 naming the asset and what to write where.
+
+captions.yaml is read as YAML 1.2 with every key taken as the text written in the file: ``001``, ``010``, ``on`` or
+``true`` are the uids ``"001"``, ``"010"``, ``"on"``, ``"true"`` (YAML 1.1 would read them as 1, 8, True and let
+them collide). A duplicate key, a syntax error, a value that is not text or an empty value is an error naming the
+file and the line.
 """
 
 from __future__ import annotations
@@ -16,7 +21,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-import yaml
+from ruamel.yaml import YAML
+from ruamel.yaml.error import MarkedYAMLError
+from ruamel.yaml.nodes import MappingNode, ScalarNode
 
 CAPTIONS_FILE = "captions.yaml"
 
@@ -41,6 +48,45 @@ def _clean(text: str) -> str:
     return " ".join(str(text).split())
 
 
+_NULL_TAG = "tag:yaml.org,2002:null"
+
+
+def read_captions_table(path: Path) -> dict[str, str]:
+    """``captions.yaml`` -> {key as written: cleaned caption} (module docstring: YAML 1.2, keys are strings)."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise CaptionError(f"{path}: not UTF-8 text ({e}); save it as UTF-8") from None
+    try:
+        # Composing (not constructing) keeps every scalar as the text written in the file, with its line.
+        root = YAML(typ="safe", pure=True).compose(text)
+    except MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        where = f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise CaptionError(f"{path}{where}: YAML syntax error: {e.problem or e.context}; fix the file "
+                           "(quote a caption that contains ': ' or starts with a special character)") from None
+    if root is None:
+        return {}
+    if not isinstance(root, MappingNode):
+        raise CaptionError(f"{path}, line {root.start_mark.line + 1}: expected a mapping 'uid or relative asset path: "
+                           "caption', one per line")
+    table: dict[str, str] = {}
+    lines: dict[str, int] = {}
+    for key_node, value_node in root.value:
+        line = key_node.start_mark.line + 1
+        if not isinstance(key_node, ScalarNode) or key_node.tag == _NULL_TAG:
+            raise CaptionError(f"{path}, line {line}: a key must be a uid or a relative asset path")
+        key = key_node.value
+        if key in lines:
+            raise CaptionError(f"{path}, line {line}: duplicate key {key!r} (first on line {lines[key]}); keep one")
+        if not isinstance(value_node, ScalarNode) or value_node.tag == _NULL_TAG or not _clean(value_node.value):
+            raise CaptionError(f"{path}, line {line}: the caption of {key!r} must be non-empty text "
+                               "(one line; quote it if it contains ': ')")
+        lines[key] = line
+        table[key] = _clean(value_node.value)
+    return table
+
+
 class CaptionBook:
     """All caption sources of one assets folder; :meth:`caption_for` resolves one character."""
 
@@ -51,16 +97,7 @@ class CaptionBook:
         self.table_path = self.assets_dir / CAPTIONS_FILE
         self._used_keys: set[str] = set()
         if self.table_path.is_file():
-            data = yaml.safe_load(self.table_path.read_text(encoding="utf-8")) or {}
-            if not isinstance(data, dict):
-                raise CaptionError(
-                    f"{self.table_path}: expected a mapping 'uid or relative asset path: caption', "
-                    f"got a {type(data).__name__}"
-                )
-            for key, value in data.items():
-                if not isinstance(value, str) or not _clean(value):
-                    raise CaptionError(f"{self.table_path}: the caption of {key!r} must be a non-empty string")
-                self.table[str(key)] = _clean(value)
+            self.table = read_captions_table(self.table_path)
 
     def caption_for(self, uid: str, source: str) -> Caption:
         """The caption of the character ``uid`` rendered from ``<assets>/<source>``."""

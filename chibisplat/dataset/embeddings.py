@@ -30,7 +30,7 @@ class EmbedParams:
     packed_dir: Path = Path("data/packed")
     out: Path = Path("data/embeddings/prompt_embeds.parquet")
     batch_size: int = 16
-    device: str = "cpu"
+    device: str = "auto"  # auto: CUDA when present, else the CPU (chibisplat/device.py)
     tiny_seed: int = 0
     tiny_cache_dir: Path = Path("data/.cache/text_encoder")  # where the locally built tiny encoder is saved
 
@@ -99,9 +99,11 @@ def embeddings_table(captions: list[str], embeddings: np.ndarray, text_encoder: 
 def embed(params: EmbedParams, models: dict, log=print) -> EmbedSummary:
     """Writes ``params.out`` for the captions of ``params.packed_dir``, reusing unchanged rows."""
     from chibisplat.dataset.text_encoder import load_text_encoder
+    from chibisplat.device import resolve_device
 
     captions = packed_captions(params.packed_dir)
-    encoder = load_text_encoder(models, params.tiny_cache_dir, params.tiny_seed, params.device)
+    device = resolve_device(params.device, "params.yaml embed.device")
+    encoder = load_text_encoder(models, params.tiny_cache_dir, params.tiny_seed, device)
     old = {}
     if params.out.is_file():
         try:

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
@@ -106,14 +107,18 @@ def canonical_cameras(c2w_blender: np.ndarray, norm_radius: float = 1.4) -> dict
 
 def object_views(
     images: list[bytes],
-    normal_depth: list[bytes],
+    normal_depth: list,
     camera_json: list[str],
     indices: list[int],
     config: ViewConfig = ViewConfig(),
 ) -> dict[str, torch.Tensor]:
-    """The tensors of one object for the given slot indices (module docstring), without the prompt embedding."""
+    """The tensors of one object for the given slot indices (module docstring), without the prompt embedding.
+
+    ``normal_depth[i]``: a packed view's 4 channel PNGs, or a render folder's ``{i:05d}_nd.png`` bytes
+    (:func:`chibisplat.dataset.schema.decode_normal_depth`).
+    """
     rgba = np.stack([decode_png(images[i]) for i in indices]).astype(np.float32) / 255.0  # (V, H, W, 4)
-    nd = np.stack([decode_png(normal_depth[i]) for i in indices]).astype(np.float32) / 65535.0  # (V, H, W, 4)
+    nd = np.stack([schema.decode_normal_depth(normal_depth[i]) for i in indices]).astype(np.float32) / 65535.0  # (V, H, W, 4)
     if rgba.shape[:3] != nd.shape[:3]:
         raise ValueError(f"colour views are {rgba.shape[1:3]} but normal/depth views are {nd.shape[1:3]}")
     rgba = torch.from_numpy(rgba).permute(0, 3, 1, 2)  # (V, 4, H, W)
@@ -189,6 +194,27 @@ class _Views:
 
     def __len__(self) -> int:
         return len(self.values)
+
+
+class _NormalDepthViews:
+    """The 40 views of one row's ``normal_depth``, each copied out of Arrow as its 4 channel PNGs when picked."""
+
+    def __init__(self, cell):
+        self.values = cell.values  # FixedSizeListArray: one entry of 4 Image structs per view
+        if not pa.types.is_fixed_size_list(self.values.type):
+            raise ValueError("packed with an older layout (normal_depth as RGBA PNGs); re-run the pack stage "
+                             "(dvc repro pack)")
+
+    def __getitem__(self, i: int) -> list[bytes]:
+        return self.values[i].values.field("bytes").to_pylist()
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+
+def normal_depth_views(cell) -> _NormalDepthViews:
+    """A packed row's ``normal_depth`` list (an Arrow list scalar) -> views indexable by slot (for :func:`object_views`)."""
+    return _NormalDepthViews(cell)
 
 
 def row_groups(files: list[Path]) -> list[tuple[str, int]]:
@@ -272,7 +298,7 @@ class PackedViewsDataset(IterableDataset):
                     schema.UID: uids[k],
                     schema.CAPTION: captions[k],
                     schema.IMAGES: _Views(images[k].values.field("bytes")),
-                    schema.NORMAL_DEPTH: _Views(nds[k].values.field("bytes")),
+                    schema.NORMAL_DEPTH: normal_depth_views(nds[k]),
                     schema.CAMERAS: _Views(cams[k].values),
                 }
 

@@ -6,8 +6,10 @@ are sorted by uid and every writer setting is fixed, so packing the same renders
 changing one character changes exactly one shard. Shards whose inputs did not change are not rewritten at all
 (``<packed>/manifest.json`` remembers what each shard was built from), so their bytes and mtimes stay untouched.
 
-The PNG and JSON bytes are stored unchanged. Before a shard is written every character in it is validated: 40 views,
-each camera JSON matching its slot and size, decodable PNGs of the right size and bit depth.
+The RGBA PNG and camera JSON bytes are stored unchanged; each 16-bit normal/depth PNG is stored as its 4 channels,
+16-bit grayscale PNGs with the same pixel values (``schema.normal_depth_structs``; why: docs/dataset-notes.md). Before a
+shard is written every character in it is validated: 40 views, each camera JSON matching its slot and size, decodable
+PNGs of the right size and bit depth.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -30,11 +33,11 @@ from chibisplat import cameras
 from chibisplat.dataset import schema
 from chibisplat.dataset.captions import CaptionBook, CaptionError
 from chibisplat.identity import sha256_json
-from chibisplat.png import decode_png, write_bytes_atomic
+from chibisplat.png import COMPRESSION, decode_png, write_bytes_atomic
 
 SPLITS = ("train", "val")
 MANIFEST = "manifest.json"
-MANIFEST_FORMAT = 1
+MANIFEST_FORMAT = 2  # 2: normal_depth as 4 x 16-bit grayscale PNGs per view
 SHARD_PATTERN = re.compile(r"^shard-(\d{5})\.parquet$")
 _VIEW_FILE = re.compile(r"^(\d{5})(_nd)?\.(png|json)$")
 META_FIELDS = ("uid", "source", "source_sha256", "render_config_sha256")
@@ -222,11 +225,12 @@ def validate_view(folder: Path, uid: str, i: int, rgba: bytes, nd: bytes, cam_te
 
 
 def _validate(inputs: CharacterInputs) -> None:
-    character_row(inputs, validate=True)
+    character_row(inputs, validate=True, encode=False)
 
 
-def character_row(inputs: CharacterInputs, validate: bool = True) -> dict:
-    """Reads (and validates) one character; returns its packed row (bytes unchanged)."""
+def character_row(inputs: CharacterInputs, validate: bool = True, encode: bool = True) -> dict:
+    """Reads (and validates) one character; returns its packed row. ``encode=False`` (a validation pass) skips
+    re-encoding the normal/depth channels: the row's ``normal_depth`` is then empty."""
     folder, uid = inputs.folder, inputs.uid
     images, normal_depth, cams = [], [], []
     size = None
@@ -244,7 +248,11 @@ def character_row(inputs: CharacterInputs, validate: bool = True) -> dict:
         if validate:
             size = validate_view(folder, uid, i, rgba, nd, cam_text, size)
         images.append(schema.image_struct(rgba, f"{uid}/{png_name}"))
-        normal_depth.append(schema.image_struct(nd, f"{uid}/{nd_name}"))
+        if encode:
+            try:
+                normal_depth.append(schema.normal_depth_structs(decode_png(nd), f"{uid}/{nd_name[:-4]}"))
+            except ValueError:
+                raise _fail(folder, uid, f"{nd_name} is not a 16-bit RGBA PNG") from None
         cams.append(cam_text)
     return {
         schema.UID: uid,
@@ -287,6 +295,7 @@ def writer_fingerprint(rows_per_group: int) -> dict:
         "schema": schema.packed_schema().to_string(show_schema_metadata=True),
         "writer": _writer_options(),
         "rows_per_group": rows_per_group,
+        "png_encoder": {"opencv": cv2.__version__, "compression": COMPRESSION},  # re-encodes normal_depth
     }
 
 
@@ -294,9 +303,11 @@ def write_shard(rows_inputs: list[CharacterInputs], path: Path, rows_per_group: 
     """Writes one (validated) shard through a temporary file, one row group at a time (bounded memory)."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        with pq.ParquetWriter(tmp, schema.packed_schema(), **_writer_options()) as writer:
+        with pq.ParquetWriter(tmp, schema.packed_schema(), **_writer_options()) as writer, \
+                ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:  # PNG coding releases the GIL
             for start in range(0, len(rows_inputs), rows_per_group):
-                rows = [character_row(c, validate=False) for c in rows_inputs[start : start + rows_per_group]]
+                rows = list(pool.map(functools.partial(character_row, validate=False),
+                                     rows_inputs[start : start + rows_per_group]))
                 writer.write_table(pa.Table.from_pylist(rows, schema=schema.packed_schema()), row_group_size=rows_per_group)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from chibisplat.dataset.schema import PROMPT_DIM, PROMPT_TOKENS
+from chibisplat.device import module_device, resolve_device, to_device
 from chibisplat.identity import sha256_files
 
 TINY_PREFIX = "tiny-clip-text"
@@ -51,7 +52,7 @@ class TextEncoder:
     def encode(self, captions: list[str], batch_size: int = 16) -> np.ndarray:
         """Captions -> (N, 77, 768) float32: last hidden state, padded and truncated to 77 tokens (DiffSplat)."""
         out = []
-        device = next(self.model.parameters()).device
+        device = module_device(self.model)
         for start in range(0, len(captions), batch_size):
             tokens = self.tokenizer(
                 list(captions[start : start + batch_size]),
@@ -60,7 +61,7 @@ class TextEncoder:
                 truncation=True,
                 return_tensors="pt",
             )
-            hidden = self.model(tokens.input_ids.to(device)).last_hidden_state
+            hidden = self.model(to_device(tokens.input_ids, device)).last_hidden_state
             out.append(hidden.float().cpu().numpy())
         emb = np.concatenate(out) if out else np.zeros((0, PROMPT_TOKENS, PROMPT_DIM), np.float32)
         assert emb.shape[1:] == (PROMPT_TOKENS, PROMPT_DIM), emb.shape
@@ -92,15 +93,23 @@ def tiny_vocab() -> dict[str, int]:
     return {t: i for i, t in enumerate(tokens)}
 
 
+def write_tiny_tokenizer(tok_dir: Path) -> dict[str, int]:
+    """A valid byte-level ``CLIPTokenizer`` folder built offline: ``vocab.json`` (:func:`tiny_vocab`) and a
+    ``merges.txt`` without merges (one token per byte). Also used by the full-size fixture (models/fixture.py)."""
+    vocab = tiny_vocab()
+    tok_dir = Path(tok_dir)
+    tok_dir.mkdir(parents=True, exist_ok=True)
+    (tok_dir / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False, sort_keys=True), encoding="utf-8")
+    (tok_dir / "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
+    return vocab
+
+
 def build_tiny(folder: Path, seed: int = 0) -> None:
     """Writes ``<folder>/tokenizer/{vocab.json,merges.txt}`` and ``<folder>/text_encoder/`` (seeded weights)."""
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    vocab = tiny_vocab()
-    tok_dir, enc_dir = folder / "tokenizer", folder / "text_encoder"
-    tok_dir.mkdir(parents=True, exist_ok=True)
-    (tok_dir / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False, sort_keys=True), encoding="utf-8")
-    (tok_dir / "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")  # no merges: one token per byte
+    vocab = write_tiny_tokenizer(folder / "tokenizer")
+    enc_dir = folder / "text_encoder"
     config = CLIPTextConfig(
         vocab_size=len(vocab),
         hidden_size=PROMPT_DIM,
@@ -212,7 +221,7 @@ def _load_folder(folder: Path, device: str):
     tokenizer = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer", local_files_only=True)
     model = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", local_files_only=True)
     # float32 whatever the stored dtype: DiffSplat's embeddings are float32, and CPUs are slow at float16.
-    return tokenizer, model.float().to(device).eval()
+    return tokenizer, to_device(model.float(), resolve_device(device)).eval()
 
 
 def load_text_encoder(models: dict, cache_dir: Path, tiny_seed: int = 0, device: str = "cpu") -> TextEncoder:

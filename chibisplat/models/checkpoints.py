@@ -16,8 +16,13 @@ from torch import nn
 ACCELERATE_MODEL_FILE = "model.safetensors"
 
 
-def load_state_dict_strict(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
-    """``load_state_dict(strict=True)`` with an error that lists missing, unexpected and mis-shaped keys."""
+def load_state_dict_strict(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str,
+                           assign: bool = False) -> None:
+    """``load_state_dict(strict=True)`` with an error that lists missing, unexpected and mis-shaped keys.
+
+    ``assign``: the model was built without memory (``accelerate.init_empty_weights``, see :func:`empty_model`);
+    its parameters become the file's tensors (cast to the model's dtypes), so nothing is initialised first.
+    """
     own = model.state_dict()
     missing = sorted(set(own) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(own))
@@ -35,7 +40,18 @@ def load_state_dict_strict(model: nn.Module, state_dict: dict[str, torch.Tensor]
             f"missing [{head(missing)}], unexpected [{head(unexpected)}], shape mismatches [{head(mis_shaped)}]. "
             "Check that the checkpoint is the one this model size was built for."
         )
-    model.load_state_dict(state_dict, strict=True)
+    if assign:
+        state_dict = {k: v.to(own[k].dtype) for k, v in state_dict.items()}
+    model.load_state_dict(state_dict, strict=True, assign=assign)
+
+
+def empty_model(build):
+    """``build()`` with its parameters on the meta device (no memory, no random initialisation: a full-size UNet
+    takes seconds to initialise), to be filled by ``load_state_dict_strict(..., assign=True)``."""
+    from accelerate import init_empty_weights
+
+    with init_empty_weights():
+        return build()
 
 
 def iteration_dir(tag_dir: Path, iteration: int | None = None) -> Path:
@@ -52,12 +68,13 @@ def iteration_dir(tag_dir: Path, iteration: int | None = None) -> Path:
     return found[-1]
 
 
-def load_accelerate_checkpoint(model: nn.Module, tag_dir: Path, iteration: int | None = None) -> Path:
+def load_accelerate_checkpoint(model: nn.Module, tag_dir: Path, iteration: int | None = None,
+                               assign: bool = False) -> Path:
     """Strictly load ``<tag_dir>/checkpoints/<iter>/model.safetensors`` into ``model``; returns the file read."""
     path = iteration_dir(tag_dir, iteration) / ACCELERATE_MODEL_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing (expected accelerate's save_state file name)")
-    load_state_dict_strict(model, load_file(str(path)), str(path))
+    load_state_dict_strict(model, load_file(str(path)), str(path), assign=assign)
     return path
 
 

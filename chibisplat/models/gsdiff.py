@@ -26,7 +26,7 @@ from safetensors.torch import load_file
 from torch import Tensor
 
 from chibisplat.geometry import plucker_rays
-from chibisplat.models.checkpoints import load_state_dict_strict
+from chibisplat.models.checkpoints import empty_model, load_state_dict_strict
 
 LATENT_CHANNELS = 4
 PLUCKER_CHANNELS = 6
@@ -182,8 +182,8 @@ def load_mv_unet(folder: Path) -> UNet2DConditionModel:
         config[key] = tuple(DIFFSPLAT_BLOCK_NAMES.get(b, b) for b in config[key])
     if "mid_block_type" in config and config["mid_block_type"] is not None:
         config["mid_block_type"] = DIFFSPLAT_BLOCK_NAMES.get(config["mid_block_type"], config["mid_block_type"])
-    unet = build_mv_unet(config)
-    load_state_dict_strict(unet, _read_diffusers_weights(folder), str(folder))
+    unet = empty_model(lambda: build_mv_unet(config))  # no random init of 860M parameters before the load
+    load_state_dict_strict(unet, _read_diffusers_weights(folder), str(folder), assign=True)
     return unet.eval()
 
 

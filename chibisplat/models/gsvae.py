@@ -28,6 +28,9 @@ RGB_CHANNELS = 3
 class GSAutoencoderKL(ModelMixin, ConfigMixin):
     """KL autoencoder for splatter images; the full-size defaults are the published SD1.5 GSVAE."""
 
+    # The SD VAE's encoder/decoder and the TAESD decoder checkpoint their blocks (finetune's pretrained preset).
+    _supports_gradient_checkpointing = True
+
     @register_to_config
     def __init__(
         self,

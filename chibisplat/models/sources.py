@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from diffusers import UNet2DConditionModel
 
-from chibisplat.models.checkpoints import load_accelerate_checkpoint
+from chibisplat.models.checkpoints import empty_model, load_accelerate_checkpoint
 from chibisplat.models.gsdiff import SD15_UNET_CONFIG, build_mv_unet, load_mv_unet, mv_unet_config, widen_conv_in
 from chibisplat.models.gsrecon import GSRecon
 from chibisplat.models.gsvae import GSAutoencoderKL, sd15_vae, taesd
@@ -59,7 +59,7 @@ class ModelStack:
     source: str
     gsrecon: GSRecon
     gsvae: GSAutoencoderKL
-    unet: UNet2DConditionModel
+    unet: UNet2DConditionModel | None  # None: loaded with_unet=False
     sd15_path: Path | None  # scheduler / tokenizer / text encoder folder (pretrained only)
 
 
@@ -136,15 +136,16 @@ def tiny_model_stack(seed: int = 0, image_conditioned: bool = False) -> ModelSta
     return ModelStack("tiny", gsrecon.eval(), gsvae.eval(), unet.eval(), None)
 
 
-def pretrained_model_stack(models_cfg: dict) -> ModelStack:
-    """The published DiffSplat SD1.5 stack, strictly loaded (text-conditioned UNet, conv_in 10)."""
+def pretrained_model_stack(models_cfg: dict, with_unet: bool = True) -> ModelStack:
+    """The published DiffSplat SD1.5 stack, strictly loaded (text-conditioned UNet, conv_in 10); ``with_unet=False``
+    leaves ``unet`` None (the finetune and latents stages use only GSRecon and the GSVAE)."""
     root = diffsplat_folder(models_cfg)
     sd15 = sd15_folder(models_cfg)
-    gsrecon = GSRecon()
-    load_accelerate_checkpoint(gsrecon, root / GSRECON_TAG)
-    gsvae = GSAutoencoderKL()
-    load_accelerate_checkpoint(gsvae, root / GSVAE_TAG)
-    unet = load_mv_unet(root / GSDIFF_UNET_SUBDIR)
+    gsrecon = empty_model(GSRecon)
+    load_accelerate_checkpoint(gsrecon, root / GSRECON_TAG, assign=True)
+    gsvae = empty_model(GSAutoencoderKL)
+    load_accelerate_checkpoint(gsvae, root / GSVAE_TAG, assign=True)
+    unet = load_mv_unet(root / GSDIFF_UNET_SUBDIR) if with_unet else None
     return ModelStack("pretrained", gsrecon.eval(), gsvae.eval(), unet, sd15)
 
 
@@ -154,7 +155,7 @@ def sd15_mv_unet(models_cfg: dict, image_conditioned: bool = False) -> UNet2DCon
     return widen_conv_in(unet4, 11 if image_conditioned else 10, 32, image_conditioned)
 
 
-def load_model_stack(models_cfg: dict) -> ModelStack:
+def load_model_stack(models_cfg: dict, with_unet: bool = True) -> ModelStack:
     """Build the stack params.yaml's ``models:`` section asks for.
 
     ``models.finetuned`` (e.g. ``models/finetune``, the finetune stage's output): its fine-tuned GSRecon and/or
@@ -164,7 +165,7 @@ def load_model_stack(models_cfg: dict) -> ModelStack:
     if source == "tiny":
         stack = tiny_model_stack(int(models_cfg.get("seed", 0)), bool(models_cfg.get("image_conditioned", False)))
     elif source == "pretrained":
-        stack = pretrained_model_stack(models_cfg)
+        stack = pretrained_model_stack(models_cfg, with_unet)
     else:
         raise ValueError(f"models.source must be 'tiny' or 'pretrained', got {source!r} (params.yaml)")
     if models_cfg.get("finetuned"):

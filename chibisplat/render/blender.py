@@ -19,6 +19,7 @@ import numpy as np
 from chibisplat import cameras
 from chibisplat.render.errors import AssetError
 from chibisplat.render.formats import LEGACY_FBX_MIN_VERSION, read_gltf_json, sniff_fbx, vrm_major_version
+from chibisplat.render.options import MISSING_TEXTURES_BASE_COLOR, MISSING_TEXTURES_CHOICES, MISSING_TEXTURES_FAIL
 
 GEOMETRY_TYPES = {"MESH", "CURVE", "SURFACE", "META", "FONT", "CURVES"}
 
@@ -245,15 +246,152 @@ def fix_invisible_materials(objects) -> list[str]:
     return warnings
 
 
-def missing_texture_warnings() -> list[str]:
-    out = []
-    for img in bpy.data.images:
-        if img.source != "FILE" or img.packed_file is not None:
+def _node_trees(material) -> list:
+    """The material's node tree and every node group it uses (nested), each once."""
+    trees, todo = [], [material.node_tree] if material.node_tree is not None else []
+    while todo:
+        tree = todo.pop()
+        if any(t == tree for t in trees):
             continue
-        path = bpy.path.abspath(img.filepath)
-        if not img.filepath or not Path(path).is_file():
-            out.append(f"missing texture '{img.name}' ({img.filepath or 'no path'}): rendered without it")
+        trees.append(tree)
+        todo += [n.node_tree for n in tree.nodes if n.type == "GROUP" and n.node_tree is not None]
+    return trees
+
+
+def _materials(objects) -> list:
+    seen, out = set(), []
+    for obj in objects:
+        for slot in getattr(obj, "material_slots", []):
+            mat = slot.material
+            if mat is not None and mat.name not in seen and mat.node_tree is not None:
+                seen.add(mat.name)
+                out.append(mat)
     return out
+
+
+def _image_missing(img) -> bool:
+    """True when Blender would render ``img`` as its magenta placeholder: an external (not packed) file that does
+    not exist or cannot be read."""
+    if img is None or img.packed_file is not None or img.source not in {"FILE", "SEQUENCE", "TILED"}:
+        return False
+    if img.source != "TILED":  # UDIM paths hold a <UDIM> token; only the load below can tell for those
+        path = bpy.path.abspath(img.filepath) if img.filepath else ""
+        if not path or not Path(path).is_file():
+            return True
+    return tuple(img.size) == (0, 0)  # reading .size loads the file: 0 x 0 = unreadable
+
+
+def find_missing_textures(objects, asset: Path) -> list[dict]:
+    """Image files that the materials of the rendered objects use but that are not there (or unreadable), as
+    ``{"file": path relative to the asset's folder (or as stored), "image": name, "materials": [names]}``."""
+    found: dict[str, dict] = {}
+    for mat in _materials(objects):
+        for tree in _node_trees(mat):
+            for node in tree.nodes:
+                if node.type == "TEX_IMAGE" and _image_missing(node.image):
+                    img = node.image
+                    stored = bpy.path.abspath(img.filepath) if img.filepath else ""
+                    try:
+                        shown = Path(stored).resolve().relative_to(asset.parent.resolve()).as_posix() if stored else ""
+                    except ValueError:
+                        shown = img.filepath
+                    entry = found.setdefault(img.name, {"file": shown or f"(image '{img.name}' has no file path)",
+                                                        "image": img.name, "materials": []})
+                    if mat.name not in entry["materials"]:
+                        entry["materials"].append(mat.name)
+    return sorted(found.values(), key=lambda e: (e["file"], e["image"]))
+
+
+def _feeds_shading(node) -> bool:
+    """Nodes where a texture's signal turns into shading: BSDFs/emission (SHADER outputs) and output nodes."""
+    return node.type in {"OUTPUT_MATERIAL", "GROUP_OUTPUT"} or any(s.type == "SHADER" for s in node.outputs)
+
+
+def _constant_input(node, socket, chain: set) -> object | None:
+    """The constant on the other side of a multiply in the texture's chain: glTF's baseColorFactor (a Mix node in
+    MULTIPLY mode), a roughness/metallic factor (a Math node), or an RGB/Value node feeding that input."""
+    if node.type == "MIX" and node.data_type == "RGBA" and node.blend_type == "MULTIPLY":
+        names = ("A_Color", "B_Color")
+    elif node.type == "MIX_RGB" and node.blend_type == "MULTIPLY":
+        names = ("Color1", "Color2")
+    elif node.type == "MATH" and node.operation == "MULTIPLY":
+        names = (node.inputs[0].identifier, node.inputs[1].identifier)
+    else:
+        return None
+    wanted = "RGBA" if socket.type == "RGBA" else "VALUE"
+    for inp in node.inputs:
+        if inp.identifier not in names or not inp.enabled:
+            continue
+        if not inp.is_linked:
+            if (inp.type == "RGBA") == (wanted == "RGBA"):
+                return tuple(inp.default_value) if wanted == "RGBA" else float(inp.default_value)
+        else:
+            src = inp.links[0].from_node
+            if src.name not in chain and src.type in {"RGB", "VALUE"}:
+                value = src.outputs[0].default_value
+                return tuple(value) if wanted == "RGBA" else float(value)
+    return None
+
+
+def use_base_colour_for_missing_textures(objects, missing: list[dict]) -> None:
+    """Replace every missing image's contribution by the material's own base colour: the links that carry a
+    missing texture's signal into a shader are removed, and the shader input takes the constant factor the texture
+    was multiplied with (glTF baseColorFactor and friends), else keeps its own value (FBX: the diffuse colour;
+    otherwise the Principled BSDF default). A missing emission texture emits nothing. Never magenta."""
+    names = {e["image"] for e in missing}
+    for mat in _materials(objects):
+        for tree in _node_trees(mat):
+            starts = [n for n in tree.nodes if n.type == "TEX_IMAGE" and n.image is not None and n.image.name in names]
+            chain = {n.name for n in starts}
+            frontier, cut = list(starts), []
+            while frontier:
+                node = frontier.pop()
+                for out in node.outputs:
+                    for link in out.links:
+                        to = link.to_node
+                        if _feeds_shading(to):
+                            cut.append(link)
+                        elif to.name not in chain:
+                            chain.add(to.name)
+                            frontier.append(to)
+            for link in cut:
+                socket, node = link.to_socket, link.from_node
+                value = None
+                todo, seen = [node], set()
+                while todo and value is None:  # the nearest multiply-by-constant upstream, within the chain
+                    n = todo.pop(0)
+                    if n.name in seen:
+                        continue
+                    seen.add(n.name)
+                    value = _constant_input(n, socket, chain)
+                    todo += [i.links[0].from_node for i in n.inputs if i.is_linked and i.links[0].from_node.name in chain]
+                tree.links.remove(link)
+                if value is not None and hasattr(socket, "default_value"):
+                    socket.default_value = value
+                elif socket.node.type == "BSDF_PRINCIPLED" and socket.name == "Emission Color":
+                    socket.default_value = (0.0, 0.0, 0.0, 1.0)
+
+
+def handle_missing_textures(objects, asset: Path, mode: str) -> list[str]:
+    """``fail``: raise AssetError listing the missing files. ``base_color``: neutralise them, return warnings."""
+    missing = find_missing_textures(objects, asset)
+    if not missing:
+        return []
+    listing = "; ".join(f"{e['file']} (material {', '.join(repr(m) for m in e['materials'])})" for e in missing)
+    if mode == MISSING_TEXTURES_BASE_COLOR:
+        use_base_colour_for_missing_textures(objects, missing)
+        return [f"missing texture {e['file']} (material {', '.join(repr(m) for m in e['materials'])}): rendered with "
+                "the material's base colour" for e in missing]
+    if mode != MISSING_TEXTURES_FAIL:
+        raise AssetError(f"unknown render.missing_textures {mode!r}",
+                         f"set it to one of {', '.join(MISSING_TEXTURES_CHOICES)}")
+    raise AssetError(
+        f"{len(missing)} texture file(s) the asset references are missing or unreadable: {listing} "
+        f"(paths relative to {asset.parent})",
+        "put the listed files there (or embed the textures in the asset: a .glb with embedded images, an FBX with "
+        "embedded media, a .blend with packed resources) and re-run, which re-renders this character only; or set "
+        "render.missing_textures: base_color to render the materials' own base colours instead",
+    )
 
 
 # --------------------------------------------------------------------------------------- scene setup
@@ -423,9 +561,8 @@ def render_character(asset: Path, out_dir: Path, config: dict, progress=None) ->
     apply_pose(pose)
     objects = renderable_objects()
     norm = normalise_scene(objects)
-    warnings = list(result.warnings) + fix_invisible_materials(objects) + missing_texture_warnings()
-    if warnings and config.get("missing_textures") == "fail" and any(w.startswith("missing texture") for w in warnings):
-        raise AssetError("; ".join(warnings), "put the textures next to the file or embed them, then re-run")
+    warnings = list(result.warnings) + fix_invisible_materials(objects)
+    warnings += handle_missing_textures(objects, asset, config["missing_textures"])
     device = setup_render(config)
     material_count = len({m.name for o in objects for m in getattr(o.data, "materials", []) if m is not None})
     layout = cameras.SlotLayout(**config["cameras"])

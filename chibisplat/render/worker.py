@@ -2,7 +2,8 @@
 
 The job file names the asset, its uid, the output folder and the render configuration. The worker
 renders into a scratch folder and then swaps the finished folder into place, so a killed worker never
-leaves a half-written character behind. The outcome is written to ``job['result']`` as JSON.
+leaves a half-written character behind. It installs only while the stage that started it (``job['parent_pid']``)
+is alive: a worker whose stage is gone discards its work. The outcome is written to ``job['result']`` as JSON.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ def run_job(job: dict, progress) -> dict:
     from chibisplat.render import blender
     from chibisplat.render.contact_sheet import contact_sheet
     from chibisplat.render.errors import AssetError
+    from chibisplat.render.quality import MAX_CLIPPED_FRACTION, clipped_fraction
 
     uid = job["uid"]
     scratch = Path(job["scratch_dir"])
@@ -59,22 +61,40 @@ def run_job(job: dict, progress) -> dict:
             "action": "open the file in Blender to check it, or re-export it (binary FBX 7.4 / glTF 2.0); "
             f"the full Blender log is in {job['log']}",
         }
+    views = [png.read_png(staged / f"{i:05d}.png") for i in range(40)]
+    clipped = clipped_fraction(views)
+    if clipped > MAX_CLIPPED_FRACTION:
+        record["warnings"].append(f"{clipped:.1%} of the foreground pixels are clipped (a channel at 255): bright "
+                                  "materials lost their shading; lower render.lights")
     meta = {
         "uid": uid,
         "source": job["source"],
         "source_sha256": job["source_sha256"],
+        "external_files": job.get("external_files", []),
         "render_config_sha256": job["render_config_sha256"],
+        "clipped_fraction": clipped,
         **record,
     }
     (staged / "meta.json").write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
-    views = [png.read_png(staged / f"{i:05d}.png") for i in range(40)]
     png.write_png(staged / "contact_sheet.png", contact_sheet(views, [str(i) for i in range(40)]))
+    if not stage_alive(job):
+        shutil.rmtree(staged, ignore_errors=True)
+        return {"status": "failed", "reason": "the render stage that started this worker is gone; nothing installed",
+                "action": "re-run the render stage"}
     install_folder(staged, Path(job["out_dir"]) / uid, scratch / "trash")
-    return {"status": "rendered", "seconds": round(time.perf_counter() - t0, 2), "warnings": record["warnings"]}
+    return {"status": "rendered", "seconds": round(time.perf_counter() - t0, 2), "warnings": record["warnings"],
+            "clipped_fraction": clipped}
+
+
+def stage_alive(job: dict) -> bool:
+    """The stage that started this worker is still its parent (an orphan is re-parented to init or a reaper)."""
+    return os.getppid() == job.get("parent_pid", os.getppid())
 
 
 def main() -> int:
     job = json.loads(Path(sys.argv[1]).read_text())
+    if not stage_alive(job):
+        return 1
     progress = _redirect_blender_output(Path(job["log"]))
     result = run_job(job, progress)
     tmp = Path(job["result"]).with_suffix(".tmp")

@@ -1,6 +1,7 @@
 """Differentiable Gaussian splatting: a pure-PyTorch tile rasterizer (CPU, tests, reference) and gsplat (CUDA).
 
-Both paths share one signature, :func:`rasterize`, and the 3DGS image formation model:
+Both paths share one signature, :func:`rasterize` (one view; :func:`rasterize_views` renders C cameras of the same
+Gaussians, in ONE gsplat call on CUDA), and the 3DGS image formation model:
 EWA projection of the 3D covariance through the perspective Jacobian, a 0.3 px^2 low-pass dilation of the
 2D covariance, opacity * exp(-0.5 d^T Sigma^-1 d) clamped to 0.99, and front-to-back alpha compositing of
 the Gaussians sorted by camera depth, then the background weighted by the remaining transmittance.
@@ -224,6 +225,52 @@ def rasterize_torch(
     return {"image": acc[:3] + trans * bg[:, None, None], "alpha": 1.0 - trans, "depth": acc[3:4]}
 
 
+def _import_gsplat():
+    try:
+        import gsplat
+    except ImportError as e:
+        raise ImportError(
+            "the CUDA rasterizer needs gsplat: `pip install gsplat` (it compiles its CUDA kernels on first use); "
+            "or call rasterize(..., backend='torch') for the pure-PyTorch rasterizer"
+        ) from e
+    return gsplat
+
+
+def rasterize_gsplat_views(
+    gaussians: Gaussians,
+    c2ws: Tensor,
+    Ks: Tensor,
+    width: int,
+    height: int,
+    background: tuple[float, float, float] | Tensor = (1.0, 1.0, 1.0),
+    near: float = 0.01,
+    far: float = 100.0,
+    **_torch_only_options,
+) -> dict[str, Tensor]:
+    """C views of the same Gaussians in ONE ``gsplat.rasterization`` call (its kernels batch the cameras).
+
+    ``c2ws`` (C, 4, 4), ``Ks`` (C, 3, 3); returns ``image`` (C, 3, H, W), ``alpha`` (C, 1, H, W), ``depth``
+    (C, 1, H, W), each view equal to :func:`rasterize_gsplat` of that camera alone.
+    """
+    gsplat = _import_gsplat()
+    if gaussians.means.device.type not in GSPLAT_DEVICES:
+        raise ValueError("gsplat rasterizes CUDA tensors only; move the Gaussians to a GPU or use backend='torch'")
+    dtype, device = gaussians.means.dtype, gaussians.means.device
+    viewmats = torch.linalg.inv(torch.as_tensor(c2ws, dtype=dtype, device=device))  # (C, 4, 4) world-to-camera
+    Ks = torch.as_tensor(Ks, dtype=dtype, device=device)
+    if viewmats.ndim != 3 or Ks.ndim != 3 or viewmats.shape[0] != Ks.shape[0]:
+        raise ValueError(f"rasterize_views: c2ws must be (C, 4, 4) and Ks (C, 3, 3) with the same C, got "
+                         f"{tuple(viewmats.shape)} and {tuple(Ks.shape)}")
+    colors, alphas, _ = gsplat.rasterization(
+        gaussians.means, gaussians.quats, gaussians.scales, gaussians.opacities, gaussians.colors,
+        viewmats, Ks, width, height, near_plane=near, far_plane=far, render_mode="RGB+D",
+        eps2d=LOW_PASS_DILATION, rasterize_mode="classic",
+    )  # (C, H, W, 4) accumulated RGB + z, (C, H, W, 1)
+    colors, alpha = colors.permute(0, 3, 1, 2), alphas.permute(0, 3, 1, 2)
+    bg = torch.as_tensor(background, dtype=dtype, device=device)[None, :, None, None]
+    return {"image": colors[:, :3] + (1.0 - alpha) * bg, "alpha": alpha, "depth": colors[:, 3:4]}
+
+
 def rasterize_gsplat(
     gaussians: Gaussians,
     c2w: Tensor,
@@ -235,27 +282,45 @@ def rasterize_gsplat(
     far: float = 100.0,
     **_torch_only_options,
 ) -> dict[str, Tensor]:
-    """Same contract as :func:`rasterize_torch`, on CUDA through ``gsplat.rasterization``."""
-    try:
-        import gsplat
-    except ImportError as e:
-        raise ImportError(
-            "the CUDA rasterizer needs gsplat: `pip install gsplat` (it compiles its CUDA kernels on first use); "
-            "or call rasterize(..., backend='torch') for the pure-PyTorch rasterizer"
-        ) from e
-    if gaussians.means.device.type not in GSPLAT_DEVICES:
-        raise ValueError("gsplat rasterizes CUDA tensors only; move the Gaussians to a GPU or use backend='torch'")
+    """Same contract as :func:`rasterize_torch`, on CUDA through ``gsplat.rasterization`` (one camera)."""
     dtype, device = gaussians.means.dtype, gaussians.means.device
-    viewmat = torch.linalg.inv(torch.as_tensor(c2w, dtype=dtype, device=device))[None]
-    Ks = torch.as_tensor(K, dtype=dtype, device=device)[None]
-    colors, alphas, _ = gsplat.rasterization(
-        gaussians.means, gaussians.quats, gaussians.scales, gaussians.opacities, gaussians.colors,
-        viewmat, Ks, width, height, near_plane=near, far_plane=far, render_mode="RGB+D",
-        eps2d=LOW_PASS_DILATION, rasterize_mode="classic",
-    )  # (1, H, W, 4) accumulated RGB + z, (1, H, W, 1)
-    colors, alpha = colors[0].permute(2, 0, 1), alphas[0].permute(2, 0, 1)
-    bg = torch.as_tensor(background, dtype=dtype, device=device)[:, None, None]
-    return {"image": colors[:3] + (1.0 - alpha) * bg, "alpha": alpha, "depth": colors[3:4]}
+    out = rasterize_gsplat_views(gaussians, torch.as_tensor(c2w, dtype=dtype, device=device)[None],
+                                 torch.as_tensor(K, dtype=dtype, device=device)[None], width, height, background,
+                                 near, far)
+    return {k: v[0] for k, v in out.items()}
+
+
+def _backend(gaussians: Gaussians, backend: str) -> str:
+    if backend == "auto":
+        backend = "gsplat" if gaussians.means.is_cuda else "torch"
+    if backend not in ("torch", "gsplat"):
+        raise ValueError(f"unknown rasterizer backend {backend!r}; use 'torch', 'gsplat' or 'auto'")
+    return backend
+
+
+def rasterize_views(
+    gaussians: Gaussians,
+    c2ws: Tensor,
+    Ks: Tensor,
+    width: int,
+    height: int,
+    background: tuple[float, float, float] | Tensor = (1.0, 1.0, 1.0),
+    near: float = 0.01,
+    far: float = 100.0,
+    backend: str = "auto",
+    **options,
+) -> dict[str, Tensor]:
+    """Render C views (``c2ws`` (C, 4, 4), ``Ks`` (C, 3, 3)) of the same Gaussians.
+
+    gsplat: one kernel launch for all C cameras (8 views of one object: ~4x faster than 8 calls on an H100, see
+    the README); torch: one view after the other. Every view equals :func:`rasterize` of its camera alone.
+    Returns ``image`` (C, 3, H, W), ``alpha`` (C, 1, H, W), ``depth`` (C, 1, H, W).
+    """
+    if _backend(gaussians, backend) == "gsplat":
+        return rasterize_gsplat_views(gaussians, c2ws, Ks, width, height, background, near, far, **options)
+    views = [rasterize_torch(gaussians, c2ws[i], Ks[i], width, height, background, near, far, **options)
+             for i in range(len(c2ws))]
+    return {k: torch.stack([v[k] for v in views]) for k in ("image", "alpha", "depth")}
 
 
 def rasterize(
@@ -274,10 +339,6 @@ def rasterize(
 
     See :func:`rasterize_torch` for the arguments and the returned ``image``/``alpha``/``depth``.
     """
-    if backend == "auto":
-        backend = "gsplat" if gaussians.means.is_cuda else "torch"
-    if backend == "torch":
+    if _backend(gaussians, backend) == "torch":
         return rasterize_torch(gaussians, c2w, K, width, height, background, near, far, **options)
-    if backend == "gsplat":
-        return rasterize_gsplat(gaussians, c2w, K, width, height, background, near, far, **options)
-    raise ValueError(f"unknown rasterizer backend {backend!r}; use 'torch', 'gsplat' or 'auto'")
+    return rasterize_gsplat(gaussians, c2w, K, width, height, background, near, far, **options)

@@ -4,8 +4,15 @@
   renders of 4 held-out slots, compared with the ground truth: PSNR, SSIM (skimage's defaults: 7x7 uniform
   window, sample covariance, data range 1) and LPIPS-VGG (only with local weights, else null with a note).
 * The trained UNet's diffusion loss on the val latents (fixed timesteps and noise: comparable across runs).
-* Generation previews: each val caption -> trained UNet -> GSVAE -> Gaussians -> 4 views, one contact sheet PNG
-  per character, plus a reconstruction sheet (ground truth above GSRecon's renders).
+* Generation: each val caption rendered by the base UNet (the published DiffSplat one on ``models.source:
+  pretrained``; the seed-built one on ``tiny``) and by the fine-tuned one with the same seeds -> GSVAE ->
+  Gaussians -> 4 views; a side-by-side sheet per character (``generated_<uid>.png``: base above, fine-tuned
+  below) plus a reconstruction sheet (ground truth above GSRecon's renders), and the text-image CLIP score of
+  both (:mod:`chibisplat.training.clip_score`; null with a note when no CLIP model is configured), so
+  ``dvc exp show`` ranks experiments by ``clip_score``.
+
+Everything runs on ``evaluate.device`` (``auto``: CUDA when present); batches move with
+:func:`chibisplat.device.to_device` only.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ import torch.nn.functional as F
 from chibisplat.dataset import schema
 from chibisplat.dataset.loader import ViewConfig, object_views
 from chibisplat.dataset.pack import packed_files
+from chibisplat.device import module_device, resolve_device, to_device
 from chibisplat.render.contact_sheet import contact_sheet
 from chibisplat.training.config import check_keys, resolved_section
 from chibisplat.training.inference import (
@@ -53,7 +61,9 @@ class EvaluateParams:
     distance: float = 1.4
     opacity_threshold: float = 0.01
     rasterizer: str = "auto"
-    device: str = "cpu"
+    device: str = "auto"  # auto: CUDA when present, else the CPU
+    val_batches: int = 8  # micro-batches (1 object each) of the val diffusion loss
+    clip: dict | None = None  # {repo, revision, path} of CLIP ViT-L/14 for the CLIP score (chibisplat/training/clip_score.py)
 
     @staticmethod
     def from_params(params: dict) -> "EvaluateParams":
@@ -61,7 +71,14 @@ class EvaluateParams:
         check_keys("evaluate", d, set(EvaluateParams.__dataclass_fields__))
         if "view_sets" in d:
             d["view_sets"] = tuple(d["view_sets"])
+        if d.get("clip") is not None:
+            if not isinstance(d["clip"], dict):
+                raise ValueError(f"params.yaml evaluate.clip must be a mapping {{repo, revision, path}} or null, got "
+                                 f"{d['clip']!r}")
+            check_keys("evaluate.clip", d["clip"], {"repo", "revision", "path"})
         p = EvaluateParams(**d)
+        if p.val_batches < 1:
+            raise ValueError(f"params.yaml evaluate.val_batches must be >= 1, got {p.val_batches}")
         bad = [s for s in p.view_sets if not 0 <= s < len(EVEN_VIEW_SETS)]
         if bad:
             raise ValueError(f"params.yaml evaluate.view_sets {bad} out of range 0..{len(EVEN_VIEW_SETS) - 1}")
@@ -98,7 +115,6 @@ def reconstruction_metrics(stack, params: EvaluateParams, resolution: int, lpips
     res = params.render_resolution
     scores = {"psnr": [], "ssim": [], "lpips": []}
     sheets = {}
-    device = params.device
     for shard in files:
         for row in _rows(shard):
             uid = row[schema.UID]
@@ -106,9 +122,10 @@ def reconstruction_metrics(stack, params: EvaluateParams, resolution: int, lpips
                 inputs = EVEN_VIEW_SETS[s]
                 indices = list(inputs) + supervision_views(uid, s, inputs)
                 v = object_views(row[schema.IMAGES], row[schema.NORMAL_DEPTH], row[schema.CAMERAS], indices, config)
-                splatter = gsrecon_splatter(stack.gsrecon, one_object(v), device)[0].float().cpu()
-                g = splatter_to_gaussians(splatter, v["C2W"][:4], v["fxfycxcy"][:4])
-                pred = render_rgb(g, v["C2W"][4:], v["fxfycxcy"][4:], res, params.rasterizer, params.opacity_threshold)
+                splatter = gsrecon_splatter(stack.gsrecon, one_object(v))[0].float()  # on GSRecon's device
+                c2w, intr = to_device((v["C2W"], v["fxfycxcy"]), splatter.device)
+                g = splatter_to_gaussians(splatter, c2w[:4], intr[:4])
+                pred = render_rgb(g, c2w[4:], intr[4:], res, params.rasterizer, params.opacity_threshold)
                 pred_t = torch.from_numpy(np.stack(pred)).permute(0, 3, 1, 2).float() / 255.0
                 gt = v["image"][4:]
                 if gt.shape[-1] != res:
@@ -118,7 +135,8 @@ def reconstruction_metrics(stack, params: EvaluateParams, resolution: int, lpips
                     scores["psnr"].append(psnr(pred_t[k:k + 1], gt[k:k + 1]))
                     scores["ssim"].append(ssim(pred_t[k:k + 1], gt[k:k + 1]))
                     if lpips is not None:
-                        scores["lpips"].append(lpips(pred_t[k:k + 1].to(device), gt[k:k + 1].to(device)).item())
+                        pair = to_device((pred_t[k:k + 1], gt[k:k + 1]), module_device(lpips))
+                        scores["lpips"].append(lpips(*pair).item())
                 if s == params.view_sets[0]:
                     gt_u8 = [(g_.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8) for g_ in gt]
                     labels = [f"gt {i}" for i in indices[4:]] + [f"recon {i}" for i in indices[4:]]
@@ -129,36 +147,67 @@ def reconstruction_metrics(stack, params: EvaluateParams, resolution: int, lpips
 
 
 @torch.no_grad()
-def val_diffusion_loss(unet, stack, params: EvaluateParams, scheduler, num_batches: int = 8) -> float:
-    """Mean epsilon-MSE of the UNet on val latents with fixed draws (no CFG drop)."""
+def val_diffusion_loss(unet, stack, params: EvaluateParams, scheduler, num_batches: int | None = None) -> float:
+    """Mean epsilon-MSE of the UNet on val latents with fixed draws (no CFG drop), on the UNet's device."""
     data = load_latent_set(Path(params.latents_dir), "val", Path(params.embeddings))
+    num_batches = num_batches or params.val_batches
+    device = module_device(unet)
     total = 0.0
     for i in range(num_batches):
         g = step_generator(params.seed, i, 0, 0)
         batch = sample_batch(data, 1, g)
         inputs = diffusion_step_inputs(batch, scheduler, stack.gsvae.scale_latents, data.null_embed, 0.0, data.resolution, g)
+        inputs = to_device(inputs, device)  # the one host -> device move (draws made on the CPU, as in train)
         pred = unet(inputs["unet_input"], inputs["timesteps"], inputs["encoder_hidden_states"],
                     cross_attention_kwargs={"num_views": 4}).sample
         total += F.mse_loss(pred.float(), inputs["target"].float()).item()
     return total / num_batches
 
 
+GENERATORS = ("base", "finetuned")  # rows of the side-by-side sheet: the base UNet above the fine-tuned one
+
+
 @torch.no_grad()
-def generation_previews(unet, stack, params: EvaluateParams, scheduler, resolution: int, log=print) -> dict[str, np.ndarray]:
+def generation_previews(unets: dict, stack, params: EvaluateParams, scheduler, resolution: int, clip=None,
+                        log=print) -> tuple[dict[str, np.ndarray], dict[str, list[float]]]:
+    """Each val caption through every UNet of ``unets`` (``{"base": ..., "finetuned": ...}``) with the same seed.
+
+    Returns one sheet per character (a row of 4 views per UNet) and, with a :class:`ClipScorer`, the CLIP score
+    of each character's views per UNet (``{name: [score per character]}``; empty lists without one).
+    """
     data = load_latent_set(Path(params.latents_dir), "val", Path(params.embeddings))
     c2w, intr = inference_cameras(params.elevation, params.distance)
-    sheets = {}
+    sheets, scores = {}, {name: [] for name in unets}
     seen = {}
     for i, uid in enumerate(data.uids):
         seen.setdefault(uid, i)
     for uid, i in seen.items():
-        latents = sample_latents(unet, stack, dict(scheduler.config), data.prompt_embeds[i:i + 1], data.null_embed,
-                                 c2w, intr, resolution, params.steps, params.guidance, params.seed, params.sampler)[0]
-        g = latents_to_gaussians(stack.gsvae, latents, c2w, intr)
-        views = render_rgb(g, c2w, intr, params.render_resolution, params.rasterizer, params.opacity_threshold)
-        sheets[uid] = contact_sheet(views, [f"az {a}" for a in (0, 90, 180, 270)], columns=4, cell=params.render_resolution)
-        log(f"evaluate: generation preview {uid}: {data.captions[i]!r}")
-    return sheets
+        views, labels = [], []
+        for name, unet in unets.items():
+            latents = sample_latents(unet, stack, dict(scheduler.config), data.prompt_embeds[i:i + 1], data.null_embed,
+                                     c2w, intr, resolution, params.steps, params.guidance, params.seed,
+                                     params.sampler)[0]
+            g = latents_to_gaussians(stack.gsvae, latents, c2w, intr)
+            rendered = render_rgb(g, c2w, intr, params.render_resolution, params.rasterizer, params.opacity_threshold)
+            if clip is not None:
+                scores[name].append(clip.score(rendered, data.captions[i]))
+            views += rendered
+            labels += [f"{name} az {a}" for a in (0, 90, 180, 270)]
+        sheets[uid] = contact_sheet(views, labels, columns=4, cell=params.render_resolution)
+        clip_text = ", ".join(f"{n} CLIP {s[-1]:.2f}" for n, s in scores.items() if s)
+        log(f"evaluate: generation preview {uid}: {data.captions[i]!r}" + (f" ({clip_text})" if clip_text else ""))
+    return sheets, scores
+
+
+def load_clip(spec: dict | None, device) -> tuple[object | None, str | None]:
+    """(:class:`ClipScorer`, None), or (None, a note saying why the CLIP score is null and how to get the model)."""
+    from chibisplat.training.clip_score import ClipMissing, ClipScorer, clip_folder
+
+    try:
+        folder = clip_folder(spec)
+    except ClipMissing as e:
+        return None, f"CLIP score is null: {e}"
+    return ClipScorer.load(folder, device), None
 
 
 def evaluate(params: EvaluateParams, models_cfg: dict, resolution: int, log=print) -> dict:
@@ -167,22 +216,28 @@ def evaluate(params: EvaluateParams, models_cfg: dict, resolution: int, log=prin
 
     from chibisplat.models.sources import load_model_stack
 
+    device = resolve_device(params.device, "params.yaml evaluate.device")
     stack = load_model_stack(models_cfg)
-    stack.gsrecon.to(params.device).eval()
-    stack.gsvae.to(params.device).eval()
-    unet = load_trained_unet(params.unet, params.device)
+    for module in to_device((stack.gsrecon, stack.gsvae, stack.unet), device):
+        module.eval()
+    unet = load_trained_unet(params.unet, device)
     scheduler = noise_scheduler(stack)
     notes = []
     lpips = None
     if params.lpips_weights:
         from chibisplat.training.lpips import load_lpips
 
-        lpips = load_lpips(params.lpips_weights, params.device)
+        lpips = load_lpips(params.lpips_weights, device)
     else:
         notes.append("LPIPS is null: no local weights (evaluate.lpips_weights); see chibisplat/training/lpips.py")
+    clip, clip_note = load_clip(params.clip, device)
+    if clip_note:
+        notes.append(clip_note)
     recon, recon_sheets = reconstruction_metrics(stack, params, resolution, lpips, log)
     val_loss = val_diffusion_loss(unet, stack, params, scheduler)
-    gen_sheets = generation_previews(unet, stack, params, scheduler, resolution, log)
+    gen_sheets, clip_scores = generation_previews(dict(zip(GENERATORS, (stack.unet, unet))), stack, params, scheduler,
+                                                  resolution, clip, log)
+    mean = lambda xs: float(np.mean(xs)) if xs else None
     previews = Path(params.previews_dir)
     if previews.exists():
         for old in previews.glob("*.png"):
@@ -195,12 +250,16 @@ def evaluate(params: EvaluateParams, models_cfg: dict, resolution: int, log=prin
     metrics = {
         "recon_psnr": recon["psnr"], "recon_ssim": recon["ssim"], "recon_lpips": recon["lpips"],
         "recon_views": recon["num_views"], "val_diffusion_loss": val_loss,
+        "clip_score": mean(clip_scores["finetuned"]), "clip_score_base": mean(clip_scores["base"]),
+        "clip_model": clip.identity if clip is not None else None,
         "val_characters": len(gen_sheets), "previews": len(recon_sheets) + len(gen_sheets), "notes": notes,
     }
     Path(params.metrics).parent.mkdir(parents=True, exist_ok=True)
     Path(params.metrics).write_text(json.dumps(metrics, indent=2) + "\n")
     for n in notes:
         log(f"evaluate: note: {n}")
+    clip_text = (f", CLIP score fine-tuned {metrics['clip_score']:.2f} vs base {metrics['clip_score_base']:.2f}"
+                 if clip is not None else "")
     log(f"evaluate: recon PSNR {recon['psnr']:.2f} SSIM {recon['ssim']:.3f} LPIPS {recon['lpips']}, "
-        f"val diffusion loss {val_loss:.4f} -> {params.metrics}, {previews}")
+        f"val diffusion loss {val_loss:.4f}{clip_text} on {device} -> {params.metrics}, {previews}")
     return metrics

@@ -41,10 +41,12 @@ import torch.nn.functional as F
 from chibisplat.dataset import schema
 from chibisplat.dataset.loader import PackedViewsDataset, ViewConfig
 from chibisplat.dataset.pack import packed_files
+from chibisplat.device import to_device
 from chibisplat.files import install_folder
 from chibisplat.identity import sha256_json
 from chibisplat.models.sources import finetune_base
 from chibisplat.training.config import NonFiniteLoss, check_keys, resolved_section
+from chibisplat.training.precision import check_mixed_precision
 from chibisplat.training.latents import NUM_INPUT_VIEWS, gsrecon_splatter
 
 MANIFEST = "manifest.json"
@@ -89,6 +91,7 @@ class FinetuneParams:
         d = resolved_section(params, "finetune")
         check_keys("finetune", d, set(FinetuneParams.__dataclass_fields__))
         p = FinetuneParams(**d)
+        check_mixed_precision("finetune.mixed_precision", p.mixed_precision)
         if p.resolution % 8 or p.resolution < 16:
             raise ValueError(f"params.yaml finetune.resolution must be a multiple of 8 (GSRecon patch and VAE x8), "
                              f"got {p.resolution}")
@@ -150,10 +153,6 @@ def object_batches(params: FinetuneParams):
         if len(batch) == params.batch_size:
             yield {k: torch.stack([o[k] for o in batch]).float() for k in keys} | {"uid": [o["uid"] for o in batch]}
             batch = []
-
-
-def _to(batch: dict, device) -> dict:
-    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
 def render_loss(splatter: torch.Tensor, batch: dict, res: int, lpips, lpips_weight: float, backend: str) -> dict:
@@ -218,7 +217,7 @@ def _fit(phase: str, module, trainable, loss_fn, steps: int, lr: float, params: 
     losses: list[float] = []
     t0 = time.perf_counter()
     for step in range(1, steps + 1):
-        batch = _to(next(batches), accelerator.device)
+        batch = to_device(next(batches), accelerator.device)  # the one host -> device move
         with accelerator.autocast():
             out = loss_fn(batch)
         loss = out["loss"]
@@ -304,9 +303,9 @@ def _run_phases(params: FinetuneParams, models_cfg: dict, n_train: int, tmp: Pat
     accelerator = Accelerator(mixed_precision=params.mixed_precision)
     device = accelerator.device
     torch.manual_seed(params.seed)
-    stack = load_model_stack({**models_cfg, "finetuned": None})  # the base weights, never a previous fine-tune
-    stack.gsrecon.to(device).requires_grad_(False).eval()
-    stack.gsvae.to(device).requires_grad_(False).eval()
+    stack = load_model_stack({**models_cfg, "finetuned": None}, with_unet=False)  # base weights, never a previous fine-tune
+    for module in to_device((stack.gsrecon, stack.gsvae), device):
+        module.requires_grad_(False).eval()
     lpips = None
     if params.lpips_weight > 0 and params.lpips_weights:
         from chibisplat.training.lpips import load_lpips

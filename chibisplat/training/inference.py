@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from chibisplat.device import module_device, resolve_device, to_device
 from chibisplat.geometry import normalised_intrinsics, opengl_to_opencv_camera, orbit_camera, pixel_K
 from chibisplat.models.gsdiff import load_mv_unet
 from chibisplat.render.contact_sheet import contact_sheet
@@ -40,7 +41,7 @@ class GenerateParams:
     turntable_fps: int = 12
     opacity_threshold: float = 0.01  # Gaussians at or below are dropped from renders and the PLY
     rasterizer: str = "auto"
-    device: str = "cpu"
+    device: str = "auto"  # auto: CUDA when present, else the CPU (chibisplat/device.py)
 
     @staticmethod
     def from_params(params: dict, **overrides) -> "GenerateParams":
@@ -65,21 +66,24 @@ def load_trained_unet(folder: str | Path, device: str = "cpu"):
     folder = Path(folder)
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"{folder}: no trained UNet (config.json); run the train stage (dvc repro train)")
-    return load_mv_unet(folder).to(device).eval()
+    return to_device(load_mv_unet(folder), resolve_device(device)).eval()
 
 
 @torch.no_grad()
 def latents_to_gaussians(gsvae, latents: torch.Tensor, C2W: torch.Tensor, fxfycxcy: torch.Tensor,
                          opacity_threshold: float = 0.0) -> Gaussians:
-    """Unscaled latents of one object (4, 4, h, h) -> full GSVAE decoder -> Gaussians in the canonical world."""
-    splatter = gsvae.decode(latents.to(next(gsvae.parameters()).device), use_tiny_decoder=False).float().cpu()
-    return splatter_to_gaussians(splatter, C2W[:4].float(), fxfycxcy[:4].float(), opacity_threshold=opacity_threshold)
+    """Unscaled latents of one object (4, 4, h, h) -> full GSVAE decoder -> Gaussians in the canonical world, on the
+    GSVAE's device (rendered there: gsplat on CUDA)."""
+    latents, C2W, fxfycxcy = to_device((latents, C2W[:4], fxfycxcy[:4]), module_device(gsvae))
+    splatter = gsvae.decode(latents, use_tiny_decoder=False).float()
+    return splatter_to_gaussians(splatter, C2W.float(), fxfycxcy.float(), opacity_threshold=opacity_threshold)
 
 
 @torch.no_grad()
 def render_rgb(gaussians: Gaussians, C2W: torch.Tensor, fxfycxcy: torch.Tensor, resolution: int,
                backend: str = "auto", opacity_threshold: float = 0.0) -> list[np.ndarray]:
-    """Render the Gaussians into each camera: RGB uint8 (R, R, 3) images on white."""
+    """Render the Gaussians into each camera (on the Gaussians' device): RGB uint8 (R, R, 3) images on white."""
+    C2W, fxfycxcy = to_device((C2W, fxfycxcy), gaussians.means.device)
     if opacity_threshold > 0:
         gaussians = gaussians.select(gaussians.opacities > opacity_threshold)
     out = []

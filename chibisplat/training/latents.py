@@ -30,16 +30,18 @@ import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from chibisplat import cameras
 from chibisplat.dataset import schema
-from chibisplat.dataset.loader import PromptEmbeddings, ViewConfig, _Views, object_views
+from chibisplat.dataset.loader import PromptEmbeddings, ViewConfig, _Views, normal_depth_views, object_views
 from chibisplat.dataset.pack import SPLITS, packed_files
+from chibisplat.device import module_device, resolve_device, to_device
 from chibisplat.identity import sha256_json, sha256_text
 from chibisplat.models.sources import load_model_stack
+from chibisplat.safetensors_io import safetensors_bytes
 from chibisplat.splats.splatter import to_splatter_image
 from chibisplat.training.config import check_keys, resolved_section
+from chibisplat.training.precision import autocast, check_mixed_precision
 
 FORMAT_VERSION = 1
 NUM_INPUT_VIEWS = 4
@@ -59,7 +61,12 @@ class LatentParams:
     resolution: int = 256  # GSRecon input size; latents are resolution / 8
     render_resolution: int = 128  # stored targets of the rendering loss
     device: str = "cpu"
+    # Autocast of the frozen GSRecon + GSVAE: no | bf16 | fp16 (chibisplat/training/precision.py). The stored latents
+    # are float32 either way; a value other than "no" is part of the cache key (the latents differ slightly).
+    mixed_precision: str = "no"
     splits: tuple[str, ...] = SPLITS
+    # Indices into EVEN_VIEW_SETS to encode; None: all 9 (the published recipe). Fewer make a quick smoke run.
+    view_sets: tuple[int, ...] | None = None
 
     @staticmethod
     def from_params(params: dict) -> "LatentParams":
@@ -70,10 +77,23 @@ class LatentParams:
                 d[k] = Path(d[k])
         if "splits" in d:
             d["splits"] = tuple(d["splits"])
+        d["device"] = str(resolve_device(d.get("device", "cpu"), "params.yaml latents.device"))
+        if d.get("view_sets") is not None:
+            d["view_sets"] = tuple(d["view_sets"])
+            bad = [i for i in d["view_sets"] if not (isinstance(i, int) and 0 <= i < len(EVEN_VIEW_SETS))]
+            if bad or not d["view_sets"] or len(set(d["view_sets"])) != len(d["view_sets"]):
+                raise ValueError(f"params.yaml latents.view_sets must be distinct indices 0..{len(EVEN_VIEW_SETS) - 1} "
+                                 f"into the even view sets (or null for all), got {list(d['view_sets'])}")
         p = LatentParams(**d)
+        check_mixed_precision("latents.mixed_precision", p.mixed_precision, p.device)
         if p.resolution % 8:
             raise ValueError(f"params.yaml latents.resolution must be a multiple of 8 (GSRecon patches), got {p.resolution}")
         return p
+
+
+def selected_view_sets(params: LatentParams) -> tuple[int, ...]:
+    """Indices into :data:`EVEN_VIEW_SETS` that ``params`` encodes (all of them unless ``latents.view_sets``)."""
+    return tuple(range(len(EVEN_VIEW_SETS))) if params.view_sets is None else params.view_sets
 
 
 def supervision_views(uid: str, set_index: int, inputs: tuple[int, ...]) -> list[int]:
@@ -102,9 +122,10 @@ def gsrecon_splatter(gsrecon, views: dict[str, torch.Tensor], device=None) -> to
     ``C2W`` (B, V, 4, 4), ``fxfycxcy`` (B, V, 4); GSRecon sees ``[image, normal, coord]`` (B, 4, 9, R, R).
     """
     v = NUM_INPUT_VIEWS
-    device = views["image"].device if device is None else device
-    images = torch.cat([views["image"][:, :v], views["normal"][:, :v], views["coord"][:, :v]], dim=2).to(device)
-    return to_splatter_image(gsrecon(images, views["C2W"][:, :v].to(device), views["fxfycxcy"][:, :v].to(device)))
+    images = torch.cat([views["image"][:, :v], views["normal"][:, :v], views["coord"][:, :v]], dim=2)
+    images, c2w, fxfycxcy = to_device((images, views["C2W"][:, :v], views["fxfycxcy"][:, :v]),
+                                      module_device(gsrecon) if device is None else device)
+    return to_splatter_image(gsrecon(images, c2w, fxfycxcy))
 
 
 def one_object(views: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -113,13 +134,15 @@ def one_object(views: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
-def encode_views(stack, views: dict[str, torch.Tensor], device: str = "cpu") -> torch.Tensor:
-    """One object's 4 input views (loader tensors, views 0..3) -> unscaled GSVAE latents (4, 4, R/8, R/8).
+def encode_views(stack, views: dict[str, torch.Tensor], device: str = "cpu", mixed_precision: str = "no") -> torch.Tensor:
+    """One object's 4 input views (loader tensors, views 0..3) -> unscaled GSVAE latents (4, 4, R/8, R/8), float32.
 
-    Its splatter images (4, 12, R, R) are encoded by the GSVAE's posterior mean (eval mode), as GSDiff trains on.
+    Its splatter images (4, 12, R, R) are encoded by the GSVAE's posterior mean (eval mode), as GSDiff trains on;
+    ``mixed_precision`` ``bf16``/``fp16`` runs both models under that autocast.
     """
-    splatter = gsrecon_splatter(stack.gsrecon, one_object(views), device)[0]  # (4, 12, R, R)
-    latents, _ = stack.gsvae.encode(splatter, sample=False)
+    with autocast(device, mixed_precision):
+        splatter = gsrecon_splatter(stack.gsrecon, one_object(views), device)[0]  # (4, 12, R, R)
+        latents, _ = stack.gsvae.encode(splatter, sample=False)
     return latents.float().cpu()
 
 
@@ -135,13 +158,14 @@ def encode_character(stack, row: dict, params: LatentParams) -> dict[str, torch.
     uid = row[schema.UID]
     config = ViewConfig(num_views=NUM_RENDER_VIEWS, num_input_views=NUM_INPUT_VIEWS, resolution=params.resolution)
     out: dict[str, list[torch.Tensor]] = {k: [] for k in ("latents", "C2W", "fxfycxcy", "view_indices", "target_rgba")}
-    for s, inputs in enumerate(EVEN_VIEW_SETS):
+    for s in selected_view_sets(params):
+        inputs = EVEN_VIEW_SETS[s]
         indices = list(inputs) + supervision_views(uid, s, inputs)
         try:
             views = object_views(row[schema.IMAGES], row[schema.NORMAL_DEPTH], row[schema.CAMERAS], indices, config)
         except (ValueError, IndexError, KeyError) as e:
             raise ValueError(f"character {uid}: cannot read views {indices}: {e}; re-render and re-pack it") from None
-        out["latents"].append(encode_views(stack, views, params.device))
+        out["latents"].append(encode_views(stack, views, params.device, params.mixed_precision))
         out["C2W"].append(views["C2W"])
         out["fxfycxcy"].append(views["fxfycxcy"])
         out["view_indices"].append(views["view_indices"])
@@ -159,7 +183,7 @@ def _rows(path: Path):
         for k in range(table.num_rows):
             row = {c: col[k].as_py() for c, col in cols.items()}
             row[schema.IMAGES] = _Views(images[k].values.field("bytes"))
-            row[schema.NORMAL_DEPTH] = _Views(nds[k].values.field("bytes"))
+            row[schema.NORMAL_DEPTH] = normal_depth_views(nds[k])
             row[schema.CAMERAS] = _Views(cams[k].values)
             yield row
 
@@ -174,7 +198,9 @@ def cache_key(row: dict, models_id: str, params: LatentParams) -> str:
         "models": models_id,
         "resolution": params.resolution,
         "render_resolution": params.render_resolution,
-        "view_sets": EVEN_VIEW_SETS,
+        "view_sets": EVEN_VIEW_SETS if params.view_sets is None else [EVEN_VIEW_SETS[s] for s in params.view_sets],
+        # only when set, so the keys (and files) of float32 encodings stay what they were
+        **({"mixed_precision": params.mixed_precision} if params.mixed_precision != "no" else {}),
     })
 
 
@@ -207,9 +233,8 @@ def build_latents(params: LatentParams, models_cfg: dict, log=print) -> LatentSu
                 seen.add(uid)
                 embeddings[row[schema.CAPTION]]  # a missing caption embedding fails here, naming the caption
                 if stack is None:
-                    stack = load_model_stack(models_cfg)
-                    stack.gsrecon.to(params.device)
-                    stack.gsvae.to(params.device)
+                    stack = load_model_stack(models_cfg, with_unet=False)  # GSRecon + GSVAE only
+                    to_device((stack.gsrecon, stack.gsvae), params.device)
                     models_id = model_identity(stack)
                 key = cache_key(row, models_id, params)
                 path = split_dir / f"{uid}.safetensors"
@@ -220,10 +245,10 @@ def build_latents(params: LatentParams, models_cfg: dict, log=print) -> LatentSu
                 meta = {
                     "format": str(FORMAT_VERSION), "uid": uid, "caption": row[schema.CAPTION],
                     "caption_sha256": sha256_text(row[schema.CAPTION]), "cache_key": key, "models": models_id,
-                    "view_sets": json.dumps(EVEN_VIEW_SETS),
+                    "view_sets": json.dumps([EVEN_VIEW_SETS[s] for s in selected_view_sets(params)]),
                 }
                 tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-                save_file(tensors, str(tmp), metadata=meta)
+                tmp.write_bytes(safetensors_bytes(tensors, meta))  # sorted metadata: same inputs, same bytes
                 os.chmod(tmp, 0o644)
                 os.replace(tmp, path)  # a killed run never leaves half a file
                 summary.encoded.append(uid)

@@ -104,4 +104,6 @@ def load_lpips(path: str | Path, device: str | torch.device = "cpu") -> LPIPS:
     if missing:
         raise ValueError(f"{path}: not LPIPS-VGG16 weights, missing {missing[:6]} ({len(missing)} keys); see chibisplat/training/lpips.py")
     model.load_state_dict({k: state[k] for k in own}, strict=True)
-    return model.to(device)
+    from chibisplat.device import to_device
+
+    return to_device(model, device)

@@ -6,7 +6,7 @@ repeated over its views; text embeddings (77, 768) repeated per view.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
@@ -14,9 +14,10 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler, DPMSolverMultistepScheduler
 from torch import Tensor
 
+from chibisplat.device import module_device, to_device
 from chibisplat.geometry import pixel_K
 from chibisplat.models.gsdiff import plucker_condition, mv_unet_input
-from chibisplat.splats.rasterize import rasterize
+from chibisplat.splats.rasterize import rasterize, rasterize_views
 from chibisplat.splats.splatter import splatter_to_gaussians
 
 NUM_VIEWS = 4
@@ -56,6 +57,10 @@ class Batch:
     prompt_embeds: Tensor  # (B, 77, 768)
     index: Tensor  # (B,) objects of the set
 
+    def pin_memory(self) -> "Batch":
+        """Page-locked copies (``DataLoader(pin_memory=True)`` calls this), so host-to-GPU copies can overlap."""
+        return Batch(**{f.name: getattr(self, f.name).pin_memory() for f in fields(self)})
+
 
 def sample_batch(data, batch_size: int, g: torch.Generator) -> Batch:
     n = len(data)
@@ -65,16 +70,20 @@ def sample_batch(data, batch_size: int, g: torch.Generator) -> Batch:
 
 def diffusion_step_inputs(batch: Batch, scheduler: DDPMScheduler, scaling, null_embed: Tensor, cfg_dropout: float,
                           resolution: int, g: torch.Generator) -> dict[str, Tensor]:
-    """Noise, timesteps and UNet inputs of one micro-batch (all random draws from ``g``, on the CPU).
+    """Noise, timesteps and UNet inputs of one micro-batch (all random draws from ``g``, on the CPU, then on the
+    batch's device, so a step draws the same numbers on every device).
 
     Returns ``x0`` and ``noise`` (B*V, 4, h, w), ``noisy``, ``timesteps`` (B*V,), ``unet_input`` (B*V, 10, h, w),
     ``encoder_hidden_states`` (B*V, 77, 768), ``target`` (B*V, 4, h, w).
     """
     b = batch.latents.shape[0]
     x0 = scaling(batch.latents).reshape(b * NUM_VIEWS, *batch.latents.shape[2:])
-    noise = torch.randn(x0.shape, generator=g)
-    t = torch.randint(0, scheduler.config.num_train_timesteps, (b,), generator=g)
-    drop = torch.rand(b, generator=g) < cfg_dropout  # text -> null embedding (classifier-free guidance)
+    noise, t, drop, null_embed = to_device((
+        torch.randn(x0.shape, generator=g),
+        torch.randint(0, scheduler.config.num_train_timesteps, (b,), generator=g),
+        torch.rand(b, generator=g) < cfg_dropout,  # text -> null embedding (classifier-free guidance)
+        null_embed,
+    ), x0.device)
     timesteps = t.repeat_interleave(NUM_VIEWS)
     noisy = scheduler.add_noise(x0, noise, timesteps)
     text = torch.where(drop[:, None, None], null_embed[None], batch.prompt_embeds)
@@ -96,27 +105,39 @@ def diffusion_step_inputs(batch: Batch, scheduler: DDPMScheduler, scaling, null_
 
 def predict_x0(pred: Tensor, noisy: Tensor, timesteps: Tensor, scheduler: DDPMScheduler) -> Tensor:
     """x0 from the model output with the DDPM formulas (epsilon or v), shapes (N, 4, h, w)."""
-    a = scheduler.alphas_cumprod.to(noisy.device, noisy.dtype)[timesteps].reshape(-1, 1, 1, 1)
+    a = to_device(scheduler.alphas_cumprod, noisy.device).to(noisy.dtype)[timesteps].reshape(-1, 1, 1, 1)
     if scheduler.config.prediction_type == "epsilon":
         return (noisy - (1 - a).sqrt() * pred) / a.sqrt()
     return a.sqrt() * noisy - (1 - a).sqrt() * pred
 
 
 def render_objects(splatter: Tensor, C2W: Tensor, fxfycxcy: Tensor, resolution: int, backend: str = "auto",
-                   opacity_threshold: float = 0.0) -> tuple[Tensor, Tensor]:
+                   opacity_threshold: float = 0.0, batch_views: bool = True) -> tuple[Tensor, Tensor]:
     """Splatter images of B objects (B, 4, 12, H, W) rendered into their cameras (B, Vr, 4, 4).
 
     The first 4 cameras unproject the splatter images (input views). Returns image (B, Vr, 3, R, R) and
-    alpha (B, Vr, 1, R, R), rasterised in float32 (as DiffSplat forces).
+    alpha (B, Vr, 1, R, R), rasterised in float32 (as DiffSplat forces). ``batch_views``: all Vr views of an
+    object in one rasterizer call (gsplat batches the cameras; same pixels as one call per view, which
+    ``batch_views=False`` keeps for comparison: benchmarks/bench_gpu_pipeline.py).
     """
+    with torch.autocast(splatter.device.type, enabled=False):  # float32 under the step's fp16/bf16 autocast too
+        return _render_objects(splatter, C2W, fxfycxcy, resolution, backend, opacity_threshold, batch_views)
+
+
+def _render_objects(splatter, C2W, fxfycxcy, resolution, backend, opacity_threshold, batch_views):
     images, alphas = [], []
     for b in range(splatter.shape[0]):
         g = splatter_to_gaussians(splatter[b].float(), C2W[b, :NUM_VIEWS].float(), fxfycxcy[b, :NUM_VIEWS].float(),
                                   opacity_threshold=opacity_threshold)
+        Ks = pixel_K(fxfycxcy[b].float(), resolution, resolution)  # (Vr, 3, 3)
+        if batch_views:
+            out = rasterize_views(g, C2W[b].float(), Ks, resolution, resolution, backend=backend)
+            images.append(out["image"])
+            alphas.append(out["alpha"])
+            continue
         img, alp = [], []
         for v in range(C2W.shape[1]):
-            K = pixel_K(fxfycxcy[b, v].float(), resolution, resolution)
-            out = rasterize(g, C2W[b, v].float(), K, resolution, resolution, backend=backend)
+            out = rasterize(g, C2W[b, v].float(), Ks[v], resolution, resolution, backend=backend)
             img.append(out["image"])
             alp.append(out["alpha"])
         images.append(torch.stack(img))
@@ -166,7 +187,7 @@ def sample_latents(unet, stack, scheduler_config: dict, prompt_embeds: Tensor, n
     guidance with the null embedding; DPM-Solver++ (SDE, as DiffSplat's default ``sde-dpmsolver++``) or DDIM,
     trailing timestep spacing.
     """
-    device = next(unet.parameters()).device
+    device = module_device(unet)
     dtype = next(unet.parameters()).dtype
     b = prompt_embeds.shape[0]
     h = resolution // 8
@@ -179,16 +200,17 @@ def sample_latents(unet, stack, scheduler_config: dict, prompt_embeds: Tensor, n
         scheduler = DDIMScheduler.from_config(config, timestep_spacing="trailing")
     else:
         raise ValueError(f"unknown sampler {sampler!r}; use dpmsolver++, sde-dpmsolver++ or ddim")
-    scheduler.set_timesteps(steps)
-    g = torch.Generator().manual_seed(seed)
+    scheduler.set_timesteps(steps, device=device)
+    g = torch.Generator().manual_seed(seed)  # draws on the CPU: the same initial noise on every device
     x = torch.randn((b * NUM_VIEWS, 4, h, h), generator=g) * scheduler.init_noise_sigma
-    plucker = plucker_condition(C2W.float(), fxfycxcy.float(), resolution, h).repeat(b, 1, 1, 1)
     text = torch.cat([null_embed[None].expand(b, -1, -1), prompt_embeds]).repeat_interleave(NUM_VIEWS, dim=0)
-    x, plucker, text = x.to(device), plucker.to(device), text.to(device, dtype)
+    x, text, C2W, fxfycxcy = to_device((x, text, C2W, fxfycxcy), device)
+    plucker = plucker_condition(C2W.float(), fxfycxcy.float(), resolution, h).repeat(b, 1, 1, 1)
+    text = text.to(dtype)
     for t in scheduler.timesteps:
         xin = scheduler.scale_model_input(torch.cat([x, x]), t)
         inp = mv_unet_input(xin, torch.cat([plucker, plucker])).to(dtype)
-        out = unet(inp, t.to(device), text, cross_attention_kwargs={"num_views": NUM_VIEWS}).sample.float()
+        out = unet(inp, t, text, cross_attention_kwargs={"num_views": NUM_VIEWS}).sample.float()
         uncond, cond = out.chunk(2)
         pred = uncond + guidance * (cond - uncond)
         x = scheduler.step(pred, t, x, generator=g).prev_sample if sampler != "ddim" else scheduler.step(pred, t, x).prev_sample

@@ -39,6 +39,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from chibisplat.device import to_device
 from chibisplat.identity import sha256_json
 from chibisplat.models.sources import load_model_stack
 from chibisplat.training.config import NonFiniteLoss, check_keys, resolved_section
@@ -46,12 +47,16 @@ from chibisplat.training.latents import load_latent_set, read_metadata
 from chibisplat.training.objective import (
     diffusion_step_inputs, noise_scheduler, rendering_loss, sample_batch, step_generator,
 )
+from chibisplat.training.precision import check_mixed_precision
 
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 CHECKPOINT_PREFIX = "checkpoint-"
 STATE_FILE = "train_state.json"
 # Settings that may change between a checkpoint and its resume (they do not change the trajectory).
-RESUMABLE_CHANGES = ("max_steps", "checkpointing_steps", "checkpoints_total_limit", "log_every", "resume")
+RESUMABLE_CHANGES = ("max_steps", "checkpointing_steps", "checkpoints_total_limit", "log_every", "resume",
+                     "dataloader_workers")
+# torch.compile backend of `train.compile: true` (tests swap in a lighter one to check the wiring quickly).
+COMPILE_BACKEND = "inductor"
 
 
 @dataclass(frozen=True)
@@ -78,6 +83,11 @@ class TrainParams:
     adam_epsilon: float = 1.0e-8
     max_grad_norm: float = 1.0
     gradient_checkpointing: bool = False
+    # GPU speed levers (README "GPU speed levers"; benchmarks/bench_gpu_pipeline.py measures them):
+    fused_adamw: bool = False  # torch.optim.AdamW(fused=True): one kernel for all parameters (CUDA; CPU too)
+    ema_foreach: bool = False  # EMA update with torch._foreach_* (one launch per op, not per tensor)
+    compile: bool = False  # torch.compile the UNet's forward in place (weights and their names unchanged)
+    dataloader_workers: int = 0  # processes preparing micro-batches ahead of the step (pinned memory on CUDA)
     use_ema: bool = True
     ema_decay: float = 0.9999
     ema_power: float = 0.75  # warm-up 1 - (1 + step)^-power (DiffSplat's MyEMAModel)
@@ -110,6 +120,9 @@ class TrainParams:
             raise ValueError(f"params.yaml train.resume must be 'auto' or 'never', got {p.resume!r}")
         if p.checkpointing_steps < 1 or p.max_steps < 1 or p.batch_size < 1:
             raise ValueError("params.yaml train.max_steps, batch_size and checkpointing_steps must be >= 1")
+        check_mixed_precision("train.mixed_precision", p.mixed_precision)
+        if p.dataloader_workers < 0:
+            raise ValueError(f"params.yaml train.dataloader_workers must be >= 0, got {p.dataloader_workers}")
         return p
 
 
@@ -150,10 +163,56 @@ def _truncate_live_tsv(metrics_dir: Path, last_step: int) -> None:
 def merged_unet(unet, lora: bool):
     """A plain UNet copy with any LoRA adapter fused into the base weights."""
     out = copy.deepcopy(unet)
+    out._compiled_call_impl = None  # a copy of a `train.compile` UNet runs eagerly (it is only saved)
     if lora:
         out.fuse_lora()
         out.unload_lora()
     return out
+
+
+class MicroBatches(torch.utils.data.Dataset):
+    """The micro-batches of steps ``start`` .. ``max_steps`` in order: item i is micro-batch ``i % accumulation`` of
+    step ``start + i // accumulation`` as ``{"batch", "inputs", "render"}`` (CPU tensors).
+
+    Every item is a function of (seed, step, micro-batch, rank) alone (:func:`step_generator`), so preparing them
+    ahead in ``train.dataloader_workers`` processes gives exactly the batches the loop would draw itself.
+    """
+
+    def __init__(self, data, scheduler, scaling, params: TrainParams, rank: int, start: int, render_on: bool):
+        self.data, self.scheduler, self.scaling, self.params = data, scheduler, scaling, params
+        self.rank, self.start, self.render_on = rank, start, render_on
+
+    def __len__(self) -> int:
+        return max(0, self.params.max_steps - self.start) * self.params.gradient_accumulation_steps
+
+    def __getitem__(self, i: int) -> dict:
+        p = self.params
+        step, micro = divmod(i, p.gradient_accumulation_steps)
+        g = step_generator(p.seed, self.start + step, micro, self.rank)
+        batch = sample_batch(self.data, p.batch_size, g)
+        inputs = diffusion_step_inputs(batch, self.scheduler, self.scaling, self.data.null_embed, p.cfg_dropout,
+                                       self.data.resolution, g)
+        render = self.render_on and bool(torch.rand(1, generator=g) < p.rendering_loss_prob)
+        return {"batch": batch, "inputs": inputs, "render": render}
+
+
+PREFETCH_FACTOR = 2  # micro-batches each loader worker keeps ready
+
+
+def micro_batch_loader(dataset: MicroBatches, workers: int, pin_memory: bool) -> torch.utils.data.DataLoader:
+    """``dataset`` in order; ``workers`` > 0 prepares items in that many processes, ``PREFETCH_FACTOR`` each ahead of
+    the step; ``pin_memory`` page-locks them (CUDA) so the copy to the GPU can overlap the previous step."""
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=None, shuffle=False, num_workers=workers, pin_memory=pin_memory,
+        prefetch_factor=PREFETCH_FACTOR if workers else None,
+    )
+
+
+def device_micro_batch(item: dict, device) -> tuple:
+    """A :class:`MicroBatches` item on the training device, as ``(batch, inputs, render)``: the loop's one host ->
+    device move (batch and UNet inputs together: the rendering loss reads the batch's cameras and targets)."""
+    item = to_device(item, device, non_blocking=True)
+    return item["batch"], item["inputs"], item["render"]
 
 
 def training_step(unet, batch, inputs, scheduler, gsvae, lpips, params: TrainParams, render: bool) -> dict:
@@ -181,6 +240,7 @@ def train(params: TrainParams, models_cfg: dict, log=print) -> TrainResult:
 
     out_dir, metrics_dir, latents_dir = Path(params.out_dir), Path(params.metrics_dir), Path(params.latents_dir)
     ckpt_root = out_dir / "checkpoints"
+    check_mixed_precision("train.mixed_precision", params.mixed_precision, "cuda" if torch.cuda.is_available() else None)
     accelerator = Accelerator(
         mixed_precision=params.mixed_precision,
         gradient_accumulation_steps=params.gradient_accumulation_steps,
@@ -196,7 +256,7 @@ def train(params: TrainParams, models_cfg: dict, log=print) -> TrainResult:
     data = load_latent_set(latents_dir, "train", Path(params.embeddings))
     stack = load_model_stack(models_cfg)
     scheduler = noise_scheduler(stack, params.prediction_type)
-    gsvae = stack.gsvae.to(device).requires_grad_(False).eval()
+    gsvae = to_device(stack.gsvae, device).requires_grad_(False).eval()
     unet = stack.unet.requires_grad_(False)
     lora = params.mode == "lora"
     torch.manual_seed(params.seed)  # LoRA's gaussian init
@@ -213,6 +273,8 @@ def train(params: TrainParams, models_cfg: dict, log=print) -> TrainResult:
     trainable = [p for p in unet.parameters() if p.requires_grad]
     for p in trainable:  # train in fp32 under fp16/bf16 autocast (diffusers' cast_training_params)
         p.data = p.data.float()
+    if params.compile:  # in place: the same module, parameters and state_dict names (checkpoints, EMA, LoRA fuse)
+        unet.compile(backend=COMPILE_BACKEND)
     lpips = None
     render_on = params.rendering_loss_prob > 0 and params.render_weight > 0
     if render_on and params.lpips_weight > 0:
@@ -224,14 +286,16 @@ def train(params: TrainParams, models_cfg: dict, log=print) -> TrainResult:
             log("train: LPIPS weight 0: no train.lpips_weights configured (rendering loss = image MSE + mask MSE)")
 
     optimizer = torch.optim.AdamW(trainable, lr=params.lr, betas=(params.adam_beta1, params.adam_beta2),
-                                  weight_decay=params.adam_weight_decay, eps=params.adam_epsilon)
+                                  weight_decay=params.adam_weight_decay, eps=params.adam_epsilon,
+                                  fused=True if params.fused_adamw else None)
     lr_scheduler = get_scheduler(params.lr_scheduler, optimizer,
                                  num_warmup_steps=params.lr_warmup_steps * accelerator.num_processes,
                                  num_training_steps=params.max_steps * accelerator.num_processes)
     unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
     ema = None
     if params.use_ema:
-        ema = EMAModel(trainable, decay=params.ema_decay, use_ema_warmup=True, inv_gamma=1.0, power=params.ema_power)
+        ema = EMAModel(trainable, decay=params.ema_decay, use_ema_warmup=True, inv_gamma=1.0, power=params.ema_power,
+                       foreach=params.ema_foreach)
         accelerator.register_for_checkpointing(ema)
 
     # --- resume
@@ -251,7 +315,7 @@ def train(params: TrainParams, models_cfg: dict, log=print) -> TrainResult:
         if main:
             shutil.rmtree(ckpt_root)
     if ema is not None:
-        ema.to(device)
+        to_device(ema, device)
     accelerator.wait_for_everyone()
 
     live = None
@@ -267,18 +331,15 @@ def train(params: TrainParams, models_cfg: dict, log=print) -> TrainResult:
             f"parameters, {params.max_steps} steps, batch {params.batch_size} x {accelerator.num_processes} "
             f"process(es) x {params.gradient_accumulation_steps} accumulation, device {device}")
 
-    null_embed = data.null_embed
     result = TrainResult(steps=start, resumed_from=start)
+    micro_batches = iter(micro_batch_loader(
+        MicroBatches(data, scheduler, gsvae.scale_latents, params, rank, start, render_on),
+        params.dataloader_workers, pin_memory=device.type == "cuda"))
     step, t_last, s_last = start, time.perf_counter(), start
     while step < params.max_steps:
         logs: dict[str, float] = {}
         for micro in range(params.gradient_accumulation_steps):
-            g = step_generator(params.seed, step, micro, rank)
-            batch = sample_batch(data, params.batch_size, g)
-            inputs = diffusion_step_inputs(batch, scheduler, gsvae.scale_latents, null_embed, params.cfg_dropout,
-                                           data.resolution, g)
-            render = render_on and bool(torch.rand(1, generator=g) < params.rendering_loss_prob)
-            inputs = {k: v.to(device) for k, v in inputs.items()}
+            batch, inputs, render = device_micro_batch(next(micro_batches), device)
             with accelerator.accumulate(unet), accelerator.autocast():
                 losses = training_step(unet, batch, inputs, scheduler, gsvae, lpips, params, render)
                 loss = losses["loss"]
