@@ -67,7 +67,7 @@ TRAIN_ROWS = [
     ("LoRA r=4, fp16, checkpointing, AdamW (as today)", dict(LEGACY, mode="lora", lr=1e-4)),
     ("LoRA r=4, preset levers (bf16, no checkpointing, fused, foreach), no rendering loss",
      dict(rendering_loss_prob=0.0, gradient_accumulation_steps=1)),
-    ("train preset: LoRA, rendering loss on, batch 8 x 2 accumulation, 2 loader workers", {}),
+    ("train preset: LoRA, rendering loss on, 2 accumulation steps, 2 loader workers", {}),
     ("train preset + torch.compile", dict(compile=True)),
 ]
 WARMUP, TIMED = 3, 8  # steps (compilation happens in the warm-up)

@@ -9,7 +9,8 @@ Steps: the fixture (``python -m chibisplat.models.fixture``: GSRecon, GSVAE, the
 text encoder + tokenizer, CLIP ViT-L/14), two synthetic characters rendered like the render stage at 256 px
 (tests/synthetic_renders.py) and packed by the real pack stage, then ``stages.{embed, finetune, latents, train,
 evaluate, generate}`` with a params file that keeps the published presets and shrinks only what sets the amount of
-work (one view set, 2 train steps of batch 1, 2 sampling steps, small previews; finetune 1 step per phase at 64 px).
+work (one view set, 1 train step of batch 1 with the rendering loss, 1 sampling step, small previews; finetune 1
+step per phase at 64 px).
 Prints a table: stage, wall seconds, the process' CPU seconds (user + system: what a busy machine does not
 inflate), peak GPU GiB (``torch.cuda.max_memory_allocated``), peak host RSS GiB.
 
@@ -134,17 +135,17 @@ def smoke_params(base: dict, fixture: dict, pack: dict, work: Path, device: str,
                     "out_dir": w("latents"), "device": device, "view_sets": [0], "render_resolution": 64,
                     **({"mixed_precision": "no"} if cpu else {})},
         "train": {"latents_dir": w("latents"), "embeddings": w("embeddings", "prompt_embeds.parquet"),
-                  "out_dir": w("train"), "metrics_dir": w("metrics", "train"), "max_steps": 2, "batch_size": 1,
-                  "gradient_accumulation_steps": 1, "lr_warmup_steps": 0, "checkpointing_steps": 2, "log_every": 1,
+                  "out_dir": w("train"), "metrics_dir": w("metrics", "train"), "max_steps": 1, "batch_size": 1,
+                  "gradient_accumulation_steps": 1, "lr_warmup_steps": 0, "checkpointing_steps": 1, "log_every": 1,
                   "rendering_loss_prob": 1.0, "rasterizer": rasterizer,
                   **({"mixed_precision": "no", "dataloader_workers": 0} if cpu else {})},
         "evaluate": deep_merge(fixture.get("evaluate", {}), {
             "packed_dir": pack["out_dir"], "latents_dir": w("latents"),
             "embeddings": w("embeddings", "prompt_embeds.parquet"), "unet": w("train", "unet"),
             "metrics": w("metrics", "evaluate.json"), "previews_dir": w("metrics", "evaluate", "previews"),
-            "view_sets": [0], "steps": 2, "render_resolution": 64, "val_batches": 1, "device": device,
+            "view_sets": [0], "steps": 1, "render_resolution": 64, "val_batches": 1, "device": device,
             "rasterizer": rasterizer}),
-        "generate": {"unet": w("train", "unet"), "out_dir": w("generate"), "steps": 2, "render_resolution": 64,
+        "generate": {"unet": w("train", "unet"), "out_dir": w("generate"), "steps": 1, "render_resolution": 64,
                      "turntable_frames": 2, "device": device, "rasterizer": rasterizer},
     }
     return deep_merge(base, override)

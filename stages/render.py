@@ -33,7 +33,7 @@ def summary(report: dict, allow_failures: bool) -> tuple[int, str | None]:
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        params = section("render", params_path(argv, __doc__))  # the whole file is validated first
+        params = section("render", params_path(argv, __doc__))  # validated first (chibisplat/config_schema.py)
         report = run_render_stage(params)
     except (ConfigError, RenderParamsError, FileNotFoundError, KeyError, RuntimeError) as e:
         print(f"render: error: {e}", file=sys.stderr)

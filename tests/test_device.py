@@ -178,13 +178,13 @@ def test_guard_catches_the_val_loss_crash(tmp_path, monkeypatch):
 
 
 def test_generate_cli_runs_on_an_accelerator_without_mixing(tmp_path):
-    import yaml
+    from project_config import project_params
 
     from chibisplat.cli import TINY_NOTE, run_generate
     from chibisplat.models.sources import tiny_model_stack
 
     tiny_model_stack(0).unet.save_pretrained(str(tmp_path / "unet"))
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params = project_params()  # the tests' baseline, not this checkout's experiments (tests/project_config.py)
     params["embed"]["tiny_cache_dir"] = str(tmp_path / "text_encoder")
     params["latents"]["resolution"] = 32
     logs = []

@@ -266,3 +266,7 @@ def test_blender_rendered_character_passes_validation(rendered_character_128, tm
     row = pq.read_table(packed_files(p.out_dir)[0]).to_pylist()[0]
     assert row["uid"] == folder.name and row["caption"].startswith("a chibi anime character, ")
     assert row["images"][0]["bytes"] == (folder / "00000.png").read_bytes()
+    # A real render's 16-bit normal/depth: every channel's values kept (depth uses far more than 8 bits).
+    nd = cv2.imread(str(folder / "00000_nd.png"), cv2.IMREAD_UNCHANGED)[:, :, [2, 1, 0, 3]]
+    packed = schema.decode_normal_depth([c["bytes"] for c in row["normal_depth"][0]])
+    assert np.array_equal(packed, nd) and nd[..., 3].max() > 255
