@@ -50,9 +50,8 @@ def clip_folder(spec: dict | None) -> Path:
     try:
         folder = resolve_snapshot(spec, CLIP_PATTERNS, CLIP_REPO, CLIP_REQUIRED)
     except ModelSourceError as e:
-        where = spec.get("path") or f"the Hugging Face cache ({repo}@{revision})"
         raise ClipMissing(
-            f"no CLIP model in {where} ({str(e).splitlines()[0]}). Get it on a machine with internet: `hf download "
+            f"no CLIP model: {str(e).splitlines()[0]} Get it on a machine with internet: `hf download "
             f"{repo} --revision {revision} --local-dir models/{repo.split('/')[-1]}`, copy the folder here and set "
             "params.yaml evaluate.clip.path to it (or fill the HF cache with that revision)"
         ) from None
