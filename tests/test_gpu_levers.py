@@ -311,13 +311,12 @@ def test_bf16_autocast_step_is_close_to_float32(tmp_path):
 
 
 def test_mixed_precision_values_are_checked():
-    import yaml
+    from project_config import project_params
 
     from chibisplat.training.latents import LatentParams
     from chibisplat.training.train import TrainParams
-    from test_train import REPO
 
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params = project_params()
     params["train"]["mixed_precision"] = "bfloat16"
     with pytest.raises(ValueError, match=r"train.mixed_precision must be one of \['no', 'fp16', 'bf16'\]"):
         TrainParams.from_params(params)
