@@ -40,9 +40,10 @@ MODEL_SOURCES = ("tiny", "pretrained")
 PRESETS_KEY = "presets"
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
                  "piecewise_constant")  # diffusers.optimization.SchedulerType
-RASTERIZERS = ("auto", "torch", "gsplat")  # chibisplat/splats/rasterize.py
+# The allowed values below are the home of these facts: the code that consumes them imports them from here.
+RASTERIZERS = ("auto", "torch", "gsplat")  # chibisplat/splats/rasterize.py (auto: gsplat for CUDA tensors)
 SAMPLERS = ("sde-dpmsolver++", "dpmsolver++", "ddim")  # chibisplat/training/objective.py sample_latents
-PREDICTION_TYPES = ("epsilon", "v_prediction")  # chibisplat/training/objective.py
+PREDICTION_TYPES = ("epsilon", "v_prediction")  # chibisplat/training/objective.py diffusion_inputs
 CAPTION_FIELDS = ("name", "uid")  # pack.default_caption placeholders (chibisplat/dataset/captions.py)
 # The sections each stage reads (its `params:` in dvc.yaml; tests/test_params_validation.py keeps them equal). A stage
 # validates exactly these, so its success depends only on what DVC tracks for it.

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
+from chibisplat.config_schema import RASTERIZERS
 from chibisplat.splats.splatter import Gaussians
 
 GSPLAT_DEVICES = ("cuda",)  # where gsplat's kernels run (tests widen it to exercise the adapter with a stand-in)
@@ -291,10 +292,10 @@ def rasterize_gsplat(
 
 
 def _backend(gaussians: Gaussians, backend: str) -> str:
+    if backend not in RASTERIZERS:
+        raise ValueError(f"unknown rasterizer backend {backend!r}; use {', '.join(map(repr, RASTERIZERS))}")
     if backend == "auto":
         backend = "gsplat" if gaussians.means.is_cuda else "torch"
-    if backend not in ("torch", "gsplat"):
-        raise ValueError(f"unknown rasterizer backend {backend!r}; use 'torch', 'gsplat' or 'auto'")
     return backend
 
 

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import copy
 
+from chibisplat.config_schema import MODEL_SOURCES
+
 
 class NonFiniteLoss(FloatingPointError):
     """A training loss became NaN or inf (train and finetune stop with it; the stages print it as an error)."""
@@ -23,8 +25,8 @@ class NonFiniteLoss(FloatingPointError):
 
 def model_source(params: dict) -> str:
     source = (params.get("models") or {}).get("source", "tiny")
-    if source not in ("tiny", "pretrained"):
-        raise ValueError(f"params.yaml models.source must be 'tiny' or 'pretrained', got {source!r}")
+    if source not in MODEL_SOURCES:
+        raise ValueError(f"params.yaml models.source must be {' or '.join(map(repr, MODEL_SOURCES))}, got {source!r}")
     return source
 
 

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler, DPMSolverMultistepScheduler
 from torch import Tensor
 
+from chibisplat.config_schema import PREDICTION_TYPES, SAMPLERS
 from chibisplat.device import module_device, to_device
 from chibisplat.geometry import pixel_K
 from chibisplat.models.gsdiff import plucker_condition, mv_unet_input
@@ -95,7 +96,8 @@ def diffusion_step_inputs(batch: Batch, scheduler: DDPMScheduler, scaling, null_
     elif scheduler.config.prediction_type == "v_prediction":
         target = scheduler.get_velocity(x0, noise, timesteps)
     else:
-        raise ValueError(f"prediction type {scheduler.config.prediction_type!r} is not supported (epsilon | v_prediction)")
+        raise ValueError(f"prediction type {scheduler.config.prediction_type!r} is not supported "
+                         f"({' | '.join(PREDICTION_TYPES)})")
     return {
         "x0": x0, "noise": noise, "noisy": noisy, "timesteps": timesteps, "target": target,
         "unet_input": mv_unet_input(noisy, plucker),
@@ -199,7 +201,7 @@ def sample_latents(unet, stack, scheduler_config: dict, prompt_embeds: Tensor, n
 
         scheduler = DDIMScheduler.from_config(config, timestep_spacing="trailing")
     else:
-        raise ValueError(f"unknown sampler {sampler!r}; use dpmsolver++, sde-dpmsolver++ or ddim")
+        raise ValueError(f"unknown sampler {sampler!r}; use {', '.join(SAMPLERS)}")
     scheduler.set_timesteps(steps, device=device)
     g = torch.Generator().manual_seed(seed)  # draws on the CPU: the same initial noise on every device
     x = torch.randn((b * NUM_VIEWS, 4, h, h), generator=g) * scheduler.init_noise_sigma
