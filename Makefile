@@ -2,12 +2,13 @@
 #   make repro   -> .venv + `dvc repro` of the whole pipeline on the bundled sample characters (offline)
 #   make test    -> .venv + every test (fast and slow)
 #   make test-fast, make bench, make samples
+#   make deps    -> rewrite dvc.yaml's code deps from each stage's import closure (run after changing imports)
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
 
-.PHONY: setup repro test test-fast bench samples clean-venv gpu-wheels gpu-smoke
+.PHONY: setup repro test test-fast bench samples deps clean-venv gpu-wheels gpu-smoke
 
 setup: $(STAMP)
 
@@ -15,7 +16,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	# torch first, pinned: the CPU build here; a loose requirement would pull multi-GB CUDA wheels.
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e '.[dev,ssh]'
+	$(PY) -m pip install --quiet -e '.[dev,ssh,ray]'
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
 
@@ -33,7 +34,11 @@ bench: $(STAMP)
 	for f in benchmarks/bench_*.py; do $(PY) $$f || exit 1; done
 
 samples: $(STAMP)
-	$(PY) -m chibisplat.samples --out data/assets
+	$(PY) -m chibisplat.tools.samples --out data/assets
+
+# dvc.yaml lists, per stage, exactly the code files it can import (tests/test_dvc_deps.py fails when it does not).
+deps: $(STAMP)
+	$(PY) -m chibisplat.tools.dvc_deps --write
 
 clean-venv:
 	rm -rf $(VENV)

@@ -12,6 +12,7 @@ Prints a table comparing
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import random
 import shutil
 import sys
@@ -24,10 +25,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # tests/
 import torch  # noqa: E402
 from synthetic_renders import make_dataset  # noqa: E402
 
-from chibisplat.dataset.embeddings import EmbedParams, embed  # noqa: E402
+from chibisplat.config import PackParams, load_config  # noqa: E402
+from chibisplat.dataset.embeddings import embed  # noqa: E402
 from chibisplat.dataset.loader import PackedViewsDataset, ViewConfig, object_views, pick_views  # noqa: E402
-from chibisplat.dataset.pack import CaptionBook, PackParams, character_row, pack, packed_files, read_inputs  # noqa: E402
+from chibisplat.dataset.pack import CaptionBook, character_row, pack, packed_files, read_inputs  # noqa: E402
 from chibisplat.dataset.text_encoder import load_tiny  # noqa: E402
+
+# params.yaml's values for whatever a benchmark does not set itself (chibisplat/config.py)
+CONFIG = load_config(Path(__file__).resolve().parents[1] / "params.yaml", sections=("pack", "embed", "models"))
 
 
 def timed(fn):
@@ -52,7 +57,8 @@ def bench_pack(root: Path, renders: Path, assets: Path) -> list[tuple[str, str]]
             shutil.copyfile(p, target)
 
     t_copy, _ = timed(copy)
-    params = PackParams(renders_dir=renders, assets_dir=assets, out_dir=root / "packed", num_shards=4, val_fraction=0.0)
+    params = dataclasses.replace(CONFIG.pack, renders_dir=renders, assets_dir=assets, out_dir=root / "packed", num_shards=4,
+                                 val_fraction=0.0)
     t_pack, _ = timed(lambda: pack(params, log=lambda *_: None))
     t_again, _ = timed(lambda: pack(params, log=lambda *_: None))
     book = CaptionBook(assets)
@@ -117,9 +123,11 @@ def bench_embed(root: Path, params: PackParams):
     t_build, enc = timed(lambda: load_tiny(root / "tiny"))
     captions = [f"a chibi character number {k} with a {c} hat" for k, c in enumerate(["red", "blue", "green", "tall"] * 16)]
     t_enc, _ = timed(lambda: enc.encode(captions, batch_size=16))
-    e = EmbedParams(packed_dir=params.out_dir, out=root / "prompt_embeds.parquet", tiny_cache_dir=root / "tiny")
-    t_stage, summary = timed(lambda: embed(e, {"source": "tiny"}, log=lambda *_: None))
-    t_again, _ = timed(lambda: embed(e, {"source": "tiny"}, log=lambda *_: None))
+    e = dataclasses.replace(CONFIG.embed, packed_dir=params.out_dir, out=root / "prompt_embeds.parquet",
+                            tiny_cache_dir=root / "tiny")
+    models = dataclasses.replace(CONFIG.models, source="tiny", finetuned=None)
+    t_stage, summary = timed(lambda: embed(e, models, log=lambda *_: None))
+    t_again, _ = timed(lambda: embed(e, models, log=lambda *_: None))
     return [
         ("tiny text encoder: build + load", f"{t_build:.2f} s"),
         ("tiny text encoder: encode", f"{1000 * t_enc / len(captions):.1f} ms/caption (batch 16)"),

@@ -47,6 +47,7 @@ sys.path.insert(0, str(REPO / "tests"))  # synthetic_renders: packed characters 
 
 import yaml  # noqa: E402
 
+from chibisplat.protocol import CANONICAL_RADIUS  # noqa: E402
 from chibisplat.training.config import resolved_section  # noqa: E402
 
 LEGACY = dict(mode="full", mixed_precision="fp16", gradient_checkpointing=True, fused_adamw=False,
@@ -113,14 +114,15 @@ def write_latent_cache(root: Path, n_chars: int, latent: int, render_res: int) -
     from chibisplat.dataset.embeddings import embeddings_table
     from chibisplat.identity import sha256_text
     from chibisplat.training.inference import inference_cameras
-    from chibisplat.training.latents import EVEN_VIEW_SETS, FORMAT_VERSION
+    from chibisplat.protocol import EVEN_VIEW_SETS
+    from chibisplat.training.latents import FORMAT_VERSION
 
     g = torch.Generator().manual_seed(0)
     captions = [f"a chibi character number {i}" for i in range(n_chars)]
     embeddings = root / "prompt_embeds.parquet"
     emb = torch.randn(n_chars + 1, 77, 768, generator=g).numpy().astype(np.float32)
     pq.write_table(embeddings_table([""] + captions, emb, "bench-encoder"), embeddings)
-    c2w, intr = inference_cameras(20.0, 1.4, tuple(range(0, 360, 45)))
+    c2w, intr = inference_cameras(20.0, CANONICAL_RADIUS, tuple(range(0, 360, 45)))
     s = len(EVEN_VIEW_SETS)
     yy, xx = torch.meshgrid(torch.arange(render_res), torch.arange(render_res), indexing="ij")
     disc = ((xx - render_res / 2) ** 2 + (yy - render_res / 2) ** 2 < (render_res / 3) ** 2)
@@ -206,7 +208,7 @@ def worker_render(job: dict) -> dict:
     # Splatter values uniform in [-1, 1] (the decoder's clamp range): Gaussians of every size the activations allow.
     # (A random-weight decoder gives a degenerate all-transparent output, so it is not used here.)
     splatter = (torch.rand(b, 4, 12, res_splat, res_splat, generator=g) * 2 - 1).to(device)
-    c2w, intr = inference_cameras(20.0, 1.4, tuple(range(0, 360, 45)))
+    c2w, intr = inference_cameras(20.0, CANONICAL_RADIUS, tuple(range(0, 360, 45)))
     C2W, fxfycxcy = c2w[None].expand(b, -1, -1, -1).to(device), intr[None].expand(b, -1, -1).to(device)
     gt = torch.ones(b, 8, 3, res, res, device=device)
     mask = torch.zeros(b, 8, 1, res, res, device=device)
@@ -239,13 +241,14 @@ def worker_render(job: dict) -> dict:
 def worker_latents(job: dict) -> dict:
     """The latents stage's per-character encoding (9 view sets), characters/s."""
     from chibisplat.dataset.pack import packed_files
-    from chibisplat.training.latents import LatentParams, _rows, encode_character
+    from chibisplat.dataset.rows import shard_rows
+    from chibisplat.training.latents import LatentParams, encode_character
 
     tiny, device = job["tiny"], job["device"]
     stack = full_size_stack(tiny, job.get("fixture"))
     stack.gsrecon.to(device)
     stack.gsvae.to(device)
-    rows = [r for f in packed_files(Path(job["packed"]), "train") for r in _rows(f)]
+    rows = [r for f in packed_files(Path(job["packed"]), "train") for r in shard_rows(f)]
     res = job["resolution"]
     params = LatentParams(resolution=res, render_resolution=res, device=device,
                           mixed_precision=job["mixed_precision"])

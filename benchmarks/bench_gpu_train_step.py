@@ -29,9 +29,8 @@ sys.path.insert(0, str(REPO))
 
 from chibisplat.models.gsdiff import build_mv_unet, mv_unet_config  # noqa: E402
 from chibisplat.models.sources import tiny_model_stack  # noqa: E402
+from chibisplat.protocol import NUM_INPUT_VIEWS  # noqa: E402
 from chibisplat.training.train import LORA_TARGETS  # noqa: E402
-
-NUM_VIEWS = 4
 
 
 def build(mode: str, tiny: bool, device: str, checkpointing: bool, rank: int = 4):
@@ -62,17 +61,17 @@ def run(mode: str, objects: int, steps: int, tiny: bool, device: str, fp16: bool
     ema_model = EMAModel(trainable, decay=0.9999) if ema else None
     if ema_model is not None:
         ema_model.to(device)
-    n = objects * NUM_VIEWS
+    n = objects * NUM_INPUT_VIEWS
     size = unet.config.sample_size if not tiny else 16
     g = torch.Generator(device="cpu").manual_seed(0)
     x = torch.randn(n, unet.config.in_channels, size, size, generator=g).to(device)
     target = torch.randn(n, 4, size, size, generator=g).to(device)
     text = torch.randn(n, 77, 768, generator=g).to(device)
-    t = torch.randint(0, 1000, (objects,), generator=g).repeat_interleave(NUM_VIEWS).to(device)
+    t = torch.randint(0, 1000, (objects,), generator=g).repeat_interleave(NUM_INPUT_VIEWS).to(device)
 
     def step():
         with torch.autocast(device_type=device, dtype=torch.float16, enabled=fp16 and device == "cuda"):
-            pred = unet(x, t, text, cross_attention_kwargs={"num_views": NUM_VIEWS}).sample
+            pred = unet(x, t, text, cross_attention_kwargs={"num_views": NUM_INPUT_VIEWS}).sample
             loss = F.mse_loss(pred.float(), target)
         scaler.scale(loss).backward()
         scaler.unscale_(opt)

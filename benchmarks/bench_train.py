@@ -8,6 +8,7 @@ and seconds per GSRecon / GSVAE fine-tuning step (the optional finetune stage) a
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import random
 import sys
 import time
@@ -22,6 +23,7 @@ sys.path.insert(0, str(REPO))
 from chibisplat.dataset.loader import PackedViewsDataset, ViewConfig  # noqa: E402
 from chibisplat.dataset.pack import packed_files  # noqa: E402
 from chibisplat.models.sources import build_full_size_empty, tiny_model_stack  # noqa: E402
+from chibisplat.protocol import NUM_INPUT_VIEWS  # noqa: E402
 from chibisplat.training.latents import encode_views, load_latent_set  # noqa: E402
 from chibisplat.training.objective import (  # noqa: E402
     Batch, diffusion_step_inputs, noise_scheduler, sample_batch, step_generator,
@@ -32,7 +34,7 @@ from chibisplat.training.train import parameter_counts  # noqa: E402
 def unet_step(unet, opt, scheduler, stack, batch, null, resolution, g):
     inputs = diffusion_step_inputs(batch, scheduler, stack.gsvae.scale_latents, null, 0.1, resolution, g)
     pred = unet(inputs["unet_input"], inputs["timesteps"], inputs["encoder_hidden_states"],
-                cross_attention_kwargs={"num_views": 4}).sample
+                cross_attention_kwargs={"num_views": NUM_INPUT_VIEWS}).sample
     F.mse_loss(pred, inputs["target"]).backward()
     opt.step()
     opt.zero_grad()
@@ -71,10 +73,12 @@ def bench_steps(steps: int, resolution: int) -> tuple[float, float]:
 
 def bench_finetune(steps: int, resolution: int) -> dict[str, float]:
     """Seconds per fine-tuning step (batch 1 object, 8 rendered views at ``resolution``) on data/packed."""
-    from chibisplat.training.finetune import FinetuneParams, gsrecon_step_loss, gsvae_step_loss, object_batches
+    from chibisplat.config import load_config
+    from chibisplat.training.finetune import gsrecon_step_loss, gsvae_step_loss, object_batches
 
-    p = FinetuneParams(packed_dir=str(REPO / "data/packed"), resolution=resolution, render_resolution=resolution,
-                       rasterizer="torch")
+    base = load_config(REPO / "params.yaml", sections=("finetune", "models")).finetune  # the rest: params.yaml's
+    p = dataclasses.replace(base, packed_dir=REPO / "data/packed", resolution=resolution, render_resolution=resolution,
+                            rasterizer="torch")
     stack = tiny_model_stack(0)
     batches = object_batches(p)
     out = {}

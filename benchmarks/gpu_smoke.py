@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import importlib
 import json
 import os
@@ -203,7 +204,8 @@ def smoke(work: Path, device: str, log=print) -> tuple[list[dict], dict]:
     """Fixture, data, params file, then every stage; returns the table rows and the params used."""
     import yaml
 
-    from chibisplat.dataset.pack import PackParams, pack
+    from chibisplat.config import load_config
+    from chibisplat.dataset.pack import pack
     from chibisplat.models.fixture import write_fixture
     from chibisplat.params import load_params
 
@@ -213,7 +215,8 @@ def smoke(work: Path, device: str, log=print) -> tuple[list[dict], dict]:
     fixture_s = time.perf_counter() - t
     t = time.perf_counter()
     pack_params = prepare_data(work / "data")
-    pack(PackParams.from_dict(pack_params), log=lambda *_: None)
+    pack(dataclasses.replace(load_config(REPO / "params.yaml", sections=("pack",)).pack, **pack_params),
+         log=lambda *_: None)
     data_s = time.perf_counter() - t
     rasterizer = "torch"
     if device.startswith("cuda"):

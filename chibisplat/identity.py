@@ -1,4 +1,4 @@
-"""Character identity: uid, source hashes and config hashes (dataset contract, section 1)."""
+"""Character identity: uid, source hashes and config hashes (docs/dataset-contract.md §1)."""
 
 from __future__ import annotations
 
@@ -57,8 +57,23 @@ def sha256_text(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
+def sha256_state(state: dict) -> str:
+    """Hash of a module's weights themselves (a ``state_dict``: for each tensor in name order its name, dtype, shape
+    and bytes), independent of the file format they came from. Tensors are read one at a time (a GPU tensor is copied
+    to the host alone), so a full-size UNet needs no second copy in memory."""
+    import torch
+
+    h = hashlib.sha256()
+    for name, t in sorted(state.items()):
+        t = t.detach()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        if t.numel():
+            h.update(t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
 def sha256_sources(asset: Path, referenced: list[Path]) -> str:
-    """``source_sha256`` of an asset (contract section 1): the sha256 of its bytes when it references no external
+    """``source_sha256`` of an asset (docs/dataset-contract.md §1): the sha256 of its bytes when it references no external
     file; otherwise a hash over the asset and every external file it references (textures, buffers, libraries), in
     the given fixed order: for each, its path relative to the asset's folder, size and sha256. So adding, removing,
     moving or changing one referenced file changes the asset's key, and only that asset's."""

@@ -8,11 +8,12 @@ give the same bytes. 16-bit images are read with OpenCV too (Pillow truncates 16
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import cv2
 import numpy as np
+
+from chibisplat.files import write_atomic
 
 COMPRESSION = 6
 
@@ -52,16 +53,6 @@ def read_png(path: Path) -> np.ndarray:
         raise ValueError(f"{path}: {e}") from None
 
 
-def write_bytes_atomic(path: Path, data: bytes) -> None:
-    """Write through a temporary file in the same folder and rename, so readers never see half a file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def write_png(path: Path, img: np.ndarray) -> None:
-    write_bytes_atomic(path, encode_png(img))
+    """Atomically (readers never see half a file), flushed to disk."""
+    write_atomic(path, encode_png(img), fsync=True)

@@ -1,5 +1,6 @@
 """DVC stage ``evaluate``: val split -> metrics/evaluate.json (GSRecon PSNR/SSIM/LPIPS, val diffusion loss) and
-preview PNGs in metrics/evaluate/previews (reconstructions, generations from the val captions).
+preview PNGs in metrics/evaluate/previews (reconstructions, generations from the val captions; with
+``models.image_conditioned: true`` from the val characters' front views, scored against their true views).
 
 Reads ``evaluate:`` (preset for ``models.source`` merged underneath), ``models:`` and ``latents:`` (resolution).
 See chibisplat/training/evaluate.py.

@@ -8,16 +8,18 @@ from __future__ import annotations
 
 import sys
 
-from chibisplat.models.sources import ModelSourceError
+from chibisplat.config import Config
+from chibisplat.models.hub import ModelSourceError
 from chibisplat.params import run_stage
-from chibisplat.training.finetune import FinetuneParams, NonFiniteLoss, finetune
+from chibisplat.training.errors import NonFiniteLoss
+from chibisplat.training.finetune import finetune
 
 
 def main(argv: list[str] | None = None) -> int:
-    def body(p: dict) -> None:
-        finetune(FinetuneParams.from_params(p), p.get("models") or {})
+    def body(cfg: Config) -> None:
+        finetune(cfg.finetune, cfg.models)
 
-    return run_stage("finetune", __doc__, body, (NonFiniteLoss, ModelSourceError, KeyError, ValueError), argv)
+    return run_stage("finetune", __doc__, body, (NonFiniteLoss, ModelSourceError, ValueError), argv, typed=True)
 
 
 if __name__ == "__main__":

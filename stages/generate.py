@@ -1,4 +1,5 @@
-"""DVC stage ``generate``: ``generate.prompt`` -> out/generate/{views.png, splat.ply, turntable.gif}.
+"""DVC stage ``generate``: ``generate.prompt`` -> out/generate/{views.png, splat.ply, turntable.gif}; with
+``models.image_conditioned: true`` the front view ``generate.image`` instead (image-to-3D, prompt "").
 
 Reads ``generate:`` (preset for ``models.source`` merged underneath), ``models:``, ``embed:`` (text encoder) and
 ``latents:`` (resolution). The same code as ``chibisplat generate PROMPT --out DIR`` (chibisplat/cli.py).
@@ -15,7 +16,11 @@ from chibisplat.training.inference import GenerateParams
 
 def main(argv: list[str] | None = None) -> int:
     def body(p: dict) -> None:
-        run_generate(p, GenerateParams.from_params(p).prompt)
+        gp = GenerateParams.from_params(p)
+        if (p.get("models") or {}).get("image_conditioned") and gp.image is not None:
+            run_generate(p, None, image=gp.image)
+        else:
+            run_generate(p, gp.prompt)
 
     return run_stage("generate", __doc__, body, (KeyError, ValueError), argv)
 

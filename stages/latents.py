@@ -8,15 +8,17 @@ from __future__ import annotations
 
 import sys
 
+from chibisplat.executors import ExecutorError, executor_config
 from chibisplat.params import run_stage
 from chibisplat.training.latents import LatentParams, build_latents
 
 
 def main(argv: list[str] | None = None) -> int:
     def body(p: dict) -> None:
-        build_latents(LatentParams.from_params(p), p.get("models") or {})
+        # cluster.latents: where the characters are encoded (never what; not tracked by DVC, chibisplat/executors)
+        build_latents(LatentParams.from_params(p), p.get("models") or {}, executor=executor_config(p, "latents"))
 
-    return run_stage("latents", __doc__, body, (KeyError, ValueError), argv)
+    return run_stage("latents", __doc__, body, (KeyError, ValueError, ExecutorError), argv)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@
 import sys
 
 from chibisplat.config_schema import ConfigError
-from chibisplat.params import params_path, section
+from chibisplat.executors import executor_config
+from chibisplat.params import load_params, params_path, section
 from chibisplat.render.options import RenderParamsError
 from chibisplat.render.stage import run_render_stage
 
@@ -33,8 +34,10 @@ def summary(report: dict, allow_failures: bool) -> tuple[int, str | None]:
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        params = section("render", params_path(argv, __doc__))  # validated first (chibisplat/config_schema.py)
-        report = run_render_stage(params)
+        path = params_path(argv, __doc__)
+        params = section("render", path)  # validated first (chibisplat/config_schema.py)
+        # cluster.render: where the characters render (never what; not tracked by DVC, see chibisplat/executors)
+        report = run_render_stage(params, executor=executor_config(load_params(path, validate=False), "render"))
     except (ConfigError, RenderParamsError, FileNotFoundError, KeyError, RuntimeError) as e:
         print(f"render: error: {e}", file=sys.stderr)
         return 1

@@ -1,6 +1,8 @@
 """DVC stage ``train``: fine-tune the multi-view UNet on data/latents (GSRecon, GSVAE frozen).
 
-Reads ``train:`` (its preset for ``models.source`` merged underneath) and ``models:``. One process on a CPU;
+Reads ``train:`` (its preset for ``models.source`` merged underneath) and ``models:``; with
+``models.image_conditioned: true`` it trains DiffSplat's image model, reading each object's condition view from
+``train.packed_dir`` (docs/image-to-3d.md). One process on a CPU;
 on GPUs: ``accelerate launch -m stages.train``. See chibisplat/training/train.py.
 """
 

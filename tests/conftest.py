@@ -70,7 +70,7 @@ def shared_asset(name: str) -> Path:
 @pytest.fixture(scope="session")
 def rendered_character_128(tmp_path_factory) -> Path:
     """One bundled sample character rendered by the real render stage at 128x128 (16 samples).
-    Returns its folder ``<renders>/<uid>/`` (contract section 4)."""
+    Returns its folder ``<renders>/<uid>/`` (docs/dataset-contract.md §4)."""
     from chibisplat.render.stage import run_render_stage
 
     tmp = tmp_path_factory.mktemp("rendered128")

@@ -9,6 +9,9 @@ those workspace files directly:
   expected to change put back to the tests' baseline: the tiny models (``models.source: tiny``, seed 0, no image
   conditioning, no fine-tuned modules), each preset-backed key at ``null`` (the preset's value, as committed) and the
   optional fine-tuning off. A test then sets the values it depends on.
+* :func:`project_config` / :func:`section_params` / :func:`models_params` are that baseline typed by the loader
+  (chibisplat/config.py), with a test's own values as explicit keys (they win over the presets), instead of a
+  dataclass's defaults: params.yaml is the one home of every value it sets.
 * :func:`committed_text` is a file as the last commit holds it (for tests about the committed defaults themselves:
   the default remote), falling back to the working tree where there is no git history.
 """
@@ -56,6 +59,36 @@ def baseline(params: dict) -> dict:
 def project_params(path: Path | None = None) -> dict:
     """params.yaml (this repository's, or ``path``) at the tests' baseline; a fresh dict each call."""
     return baseline(parse_params(REPO / "params.yaml" if path is None else path))
+
+
+def _with(params: dict, name: str, overrides: dict) -> dict:
+    from chibisplat.config import deep_merge, plain
+
+    if overrides:  # nested mappings merged key by key; Paths as text, tuples as lists (as params.yaml holds them)
+        params[name] = deep_merge(params.get(name) or {}, plain(overrides))
+    return params
+
+
+def project_config(params: dict | None = None, sections=None, validate: bool = False, **source):
+    """The typed :class:`~chibisplat.config.Config` of ``params`` (default: :func:`project_params`). ``validate``:
+    check it with the schema first (as a stage does); tests that set odd values on purpose leave it off."""
+    from chibisplat.config import config_from_params
+
+    params = project_params() if params is None else params
+    if source.get("source"):
+        params["models"]["source"] = source["source"]
+    return config_from_params(params, sections, validate=validate, full=validate)
+
+
+def section_params(name: str, source: str | None = None, validate: bool = False, **overrides):
+    """Section ``name`` of the baseline (``source``: that models.source preset) with ``overrides`` set explicitly."""
+    params = _with(project_params(), name, overrides)
+    return getattr(project_config(params, (name,), validate, source=source), name)
+
+
+def models_params(**overrides):
+    """The baseline ``models:`` (tiny, seed 0, no fine-tuned modules) with ``overrides`` (nested: key by key)."""
+    return section_params("models", **overrides)
 
 
 def committed_text(rel: str, repo: Path = REPO) -> str:

@@ -124,10 +124,12 @@ def make_dataset(root: Path, n: int = 6, *, size: int = 32, captions: bool = Tru
 
 def make_packed(root: Path, n: int = 4, *, size: int = 32, val_fraction: float = 0.0, num_shards: int = 1) -> Path:
     """:func:`make_dataset` packed by the real pack stage (one character per row group); returns the packed folder."""
-    from chibisplat.dataset.pack import PackParams, pack
+    from project_config import section_params
+
+    from chibisplat.dataset.pack import pack
 
     renders, assets = make_dataset(root, n, size=size)
     out = Path(root) / "packed"
-    pack(PackParams(renders_dir=renders, assets_dir=assets, out_dir=out, num_shards=num_shards,
+    pack(section_params("pack", renders_dir=renders, assets_dir=assets, out_dir=out, num_shards=num_shards,
                     val_fraction=val_fraction, rows_per_group=1), log=lambda *_: None)
     return out

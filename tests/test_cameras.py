@@ -1,4 +1,4 @@
-"""The 40-slot table and camera conventions (dataset contract sections 1, 3, 4), without Blender."""
+"""The 40-slot table and camera conventions (docs/dataset-contract.md §1, §3, §4), without Blender."""
 
 import math
 

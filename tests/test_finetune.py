@@ -11,12 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from project_config import committed_text, project_params
+from project_config import committed_text, models_params, project_config, project_params, section_params
 from synthetic_renders import make_packed
 
 from chibisplat.models.sources import ModelSourceError, load_model_stack
 from chibisplat.training import finetune as ft
-from chibisplat.training.finetune import FinetuneParams, NonFiniteLoss, finetune, read_manifest
+from chibisplat.config import FinetuneParams
+from chibisplat.training.finetune import NonFiniteLoss, finetune, read_manifest
 from chibisplat.training.latents import model_identity
 
 REPO = Path(__file__).resolve().parents[1]
@@ -36,11 +37,11 @@ def _params(packed: Path, out: Path, **kw) -> FinetuneParams:
     base = dict(packed_dir=str(packed), out_dir=str(out / "finetune"), metrics_dir=str(out / "metrics"),
                 resolution=16, render_resolution=16, gsrecon_steps=2, gsvae_steps=2, gsvae_tiny_decoder_steps=1,
                 gsrecon_lr=1e-3, gsvae_lr=1e-3, lr_scheduler="constant", rasterizer="torch", log_every=1)
-    return FinetuneParams(**(base | kw))
+    return section_params("finetune", **(base | kw))
 
 
-def _models(out: Path | None, **kw) -> dict:
-    return {"source": "tiny", "seed": 0, "finetuned": str(out) if out else None} | kw
+def _models(out: Path | None, **kw):
+    return models_params(finetuned=out, **kw)
 
 
 def test_repository_params_parse_and_default_to_off():
@@ -48,14 +49,14 @@ def test_repository_params_parse_and_default_to_off():
     assert committed["finetune"]["gsrecon"] is False and committed["finetune"]["gsvae"] is False
     assert committed["models"]["finetuned"] == committed["finetune"]["out_dir"]  # where the finetune stage writes
     params = project_params()
-    p = FinetuneParams.from_params(params)
+    p = project_config(params).finetune
     assert not p.gsrecon and not p.gsvae and not p.enabled
     params["models"]["source"] = "pretrained"
     # The real preset fine-tunes GSRecon at the resolution it then encodes the latents at.
-    assert FinetuneParams.from_params(params).resolution == params["latents"]["presets"]["pretrained"]["resolution"]
+    assert project_config(params).finetune.resolution == params["latents"]["presets"]["pretrained"]["resolution"]
     params["finetune"]["resolution"] = 100
     with pytest.raises(ValueError, match="multiple of 8"):
-        FinetuneParams.from_params(params)
+        project_config(params, validate=True)
 
 
 def test_off_writes_a_manifest_and_keeps_the_base_models(packed16, tmp_path):

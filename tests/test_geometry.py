@@ -136,8 +136,8 @@ def _rotation_xyz(ax: float, ay: float, az: float) -> np.ndarray:
 
 
 def plucker_by_hand(height: int, width: int, c2w: np.ndarray, fxfycxcy) -> np.ndarray:
-    """Reference §2, pixel by pixel in float64: d = normalise(R [(j/(W-1) + 0.5 - cx)/fx, (i/(H-1) + 0.5 - cy)/fy, 1]),
-    channels [o x d (3), d (3)]."""
+    """docs/diffsplat-reference.md §2, pixel by pixel in float64:
+    d = normalise(R [(j/(W-1) + 0.5 - cx)/fx, (i/(H-1) + 0.5 - cy)/fy, 1]), channels [o x d (3), d (3)]."""
     fx, fy, cx, cy = fxfycxcy
     out = np.zeros((6, height, width))
     o = c2w[:3, 3]

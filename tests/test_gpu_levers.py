@@ -39,28 +39,11 @@ def slot_cameras(slots, res, dtype=torch.float32):
 
 @pytest.fixture
 def batched_gsplat_stand_in(monkeypatch):
-    """A stand-in `gsplat` with gsplat's documented batched-camera contract: viewmats (C, 4, 4) world-to-camera,
-    Ks (C, 3, 3) -> accumulated RGB+D (C, H, W, 4) without background and alphas (C, H, W, 1). Each camera is drawn
-    with our torch rasterizer; the calls are recorded."""
-    calls = []
+    """A stand-in `gsplat` with gsplat's documented batched-camera contract (tests/gsplat_stand_in.py): each camera
+    is drawn with our own projection and compositing; the calls are recorded."""
+    from gsplat_stand_in import install
 
-    def rasterization(means, quats, scales, opacities, colors, viewmats, Ks, width, height, near_plane, far_plane,
-                      render_mode, eps2d, rasterize_mode):
-        assert viewmats.ndim == 3 and Ks.ndim == 3 and viewmats.shape[0] == Ks.shape[0]
-        assert render_mode == "RGB+D" and eps2d == rz.LOW_PASS_DILATION and rasterize_mode == "classic"
-        calls.append(viewmats.shape[0])
-        g = Gaussians(means, quats, scales, opacities, colors)
-        rgbd, alphas = [], []
-        for c in range(viewmats.shape[0]):
-            out = rz.rasterize_torch(g, torch.linalg.inv(viewmats[c]), Ks[c], width, height, background=(0.0, 0.0, 0.0),
-                                     near=near_plane, far=far_plane)
-            rgbd.append(torch.cat([out["image"], out["depth"]]).permute(1, 2, 0))
-            alphas.append(out["alpha"].permute(1, 2, 0))
-        return torch.stack(rgbd), torch.stack(alphas), {}
-
-    monkeypatch.setitem(sys.modules, "gsplat", types.SimpleNamespace(rasterization=rasterization))
-    monkeypatch.setattr(rz, "GSPLAT_DEVICES", ("cpu", "cuda"))
-    return calls
+    return install(monkeypatch)
 
 
 @pytest.mark.parametrize("backend", ["torch", "gsplat"])
@@ -69,15 +52,15 @@ def test_batched_views_equal_one_view_at_a_time(backend, request):
     calls = request.getfixturevalue("batched_gsplat_stand_in") if backend == "gsplat" else None
     g = random_gaussians(150, dtype=torch.float64)
     c2ws, Ks = slot_cameras([0, 7, 13, 30, 36], 24, torch.float64)
-    views = rz.rasterize_views(g, c2ws, Ks, 24, 20, backend=backend)
+    views = rz.rasterize_views(g, c2ws, Ks, 24, 20, backend=backend, image_formation="3dgs")
     assert views["image"].shape == (5, 3, 20, 24)
     for c in range(5):
-        ref = rz.rasterize_torch(g, c2ws[c], Ks[c], 24, 20)  # white background composited by our own code
+        ref = rz.rasterize_torch(g, c2ws[c], Ks[c], 24, 20, image_formation="3dgs")  # white background: our own code
         for key in ("image", "alpha", "depth"):
             assert (views[key][c] - ref[key]).abs().max() < 1e-6, (backend, c, key)
     assert (views["image"][0] - views["image"][1]).abs().max() > 0.05  # the views really differ
     if calls is not None:
-        assert calls == [5]  # ONE gsplat call for the 5 cameras
+        assert [c["viewmats"].shape[0] for c in calls] == [5]  # ONE gsplat call for the 5 cameras ("3dgs")
 
 
 @pytest.mark.parametrize("backend", ["torch", "gsplat"])
@@ -101,7 +84,8 @@ def test_render_objects_per_object_equals_per_view(backend, request):
         ((image * weights).sum() + alpha.sum()).backward()
         out[batched] = (image.detach(), alpha.detach(), s.grad)
         if calls is not None:
-            assert calls == ([8, 8] if batched else [1] * 16)
+            # "diffsplat" (the default): one gsplat call per camera (per-camera compensated opacities)
+            assert [c["viewmats"].shape[0] for c in calls] == [1] * 16
             calls.clear()
     assert out[True][0].shape == (2, 8, 3, res, res)
     for a, b in zip(out[True], out[False]):
@@ -351,9 +335,10 @@ def test_latents_encode_in_bf16_close_to_float32(tmp_path):
 
     from chibisplat.dataset.pack import packed_files
     from chibisplat.models.sources import tiny_model_stack
-    from chibisplat.training.latents import LatentParams, _rows, cache_key, encode_character
+    from chibisplat.dataset.rows import shard_rows
+    from chibisplat.training.latents import LatentParams, cache_key, encode_character
 
-    row = next(_rows(packed_files(make_packed(tmp_path, n=1, size=64), "train")[0]))
+    row = next(shard_rows(packed_files(make_packed(tmp_path, n=1, size=64), "train")[0]))
     stack = tiny_model_stack(0)
     p32 = LatentParams(resolution=64, render_resolution=32, view_sets=(0, 6))  # one per ring: fast
     p16 = LatentParams(resolution=64, render_resolution=32, view_sets=(0, 6), mixed_precision="bf16")

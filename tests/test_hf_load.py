@@ -11,15 +11,16 @@ import textwrap
 
 import cv2
 import numpy as np
+from project_config import section_params
 from synthetic_renders import make_dataset
 
-from chibisplat.dataset.pack import PackParams, pack
+from chibisplat.dataset.pack import pack
 
 
 def test_hf_load_returns_the_stored_16_bit_normal_depth(tmp_path):
     renders, assets = make_dataset(tmp_path, 3, size=40)
     out = tmp_path / "packed"
-    pack(PackParams(renders_dir=renders, assets_dir=assets, out_dir=out, num_shards=1, val_fraction=0.0),
+    pack(section_params("pack", renders_dir=renders, assets_dir=assets, out_dir=out, num_shards=1, val_fraction=0.0),
          log=lambda *_: None)
     # The source values need all 16 bits: an 8-bit path (PIL on RGBA16, the old layout) cannot reproduce them.
     nd0 = cv2.imread(str(next(renders.iterdir()) / "00000_nd.png"), cv2.IMREAD_UNCHANGED)
@@ -55,35 +56,33 @@ def test_hf_load_returns_the_stored_16_bit_normal_depth(tmp_path):
 
 
 def test_project_readers_get_the_same_normal_depth_from_the_shards(tmp_path):
-    """The loader's and the latents stage's packed rows decode to the render's _nd.png values, view by view, and
-    give the same training tensors as the render folder itself."""
+    """The packed rows (the one reader the loader, the latents stage and evaluation share) decode to the render's
+    _nd.png values, view by view, and give the same training tensors as the render folder itself."""
     import torch
 
     from chibisplat.dataset import schema
-    from chibisplat.dataset.loader import PackedViewsDataset, ViewConfig, object_views, row_groups
+    from chibisplat.dataset.loader import ViewConfig, object_views
     from chibisplat.dataset.pack import packed_files
-    from chibisplat.training.latents import _rows
+    from chibisplat.dataset.rows import packed_rows, row_groups
 
     renders, assets = make_dataset(tmp_path, 2, size=24)
     out = tmp_path / "packed"
-    pack(PackParams(renders_dir=renders, assets_dir=assets, out_dir=out, num_shards=1, val_fraction=0.0),
+    pack(section_params("pack", renders_dir=renders, assets_dir=assets, out_dir=out, num_shards=1, val_fraction=0.0),
          log=lambda *_: None)
     files = packed_files(out, "train")
-    loader_rows = list(PackedViewsDataset(files, None, shuffle=False)._rows(row_groups(files)))
-    latents_rows = [r for f in files for r in _rows(f)]
-    assert [r[schema.UID] for r in loader_rows] == [r[schema.UID] for r in latents_rows] == ["chibi_00", "chibi_01"]
+    rows = list(packed_rows(row_groups(files)))
+    assert [r[schema.UID] for r in rows] == ["chibi_00", "chibi_01"]
     indices = [0, 6, 12, 18, 25, 27, 31, 39]
-    for rows in (loader_rows, latents_rows):
-        for row in rows:
-            folder = renders / row[schema.UID]
-            for i in (0, 17, 39):
-                want = cv2.imread(str(folder / f"{i:05d}_nd.png"), cv2.IMREAD_UNCHANGED)[:, :, [2, 1, 0, 3]]
-                assert np.array_equal(schema.decode_normal_depth(row[schema.NORMAL_DEPTH][i]), want), (row[schema.UID], i)
-            from_files = object_views([(folder / f"{i:05d}.png").read_bytes() for i in range(40)],
-                                      [(folder / f"{i:05d}_nd.png").read_bytes() for i in range(40)],
-                                      [(folder / f"{i:05d}.json").read_text() for i in range(40)], indices,
-                                      ViewConfig(resolution=24))
-            from_shard = object_views(row[schema.IMAGES], row[schema.NORMAL_DEPTH], row[schema.CAMERAS], indices,
-                                      ViewConfig(resolution=24))
-            for key in ("image", "mask", "normal", "coord", "C2W"):
-                assert torch.equal(from_files[key], from_shard[key]), key
+    for row in rows:
+        folder = renders / row[schema.UID]
+        for i in (0, 17, 39):
+            want = cv2.imread(str(folder / f"{i:05d}_nd.png"), cv2.IMREAD_UNCHANGED)[:, :, [2, 1, 0, 3]]
+            assert np.array_equal(schema.decode_normal_depth(row[schema.NORMAL_DEPTH][i]), want), (row[schema.UID], i)
+        from_files = object_views([(folder / f"{i:05d}.png").read_bytes() for i in range(40)],
+                                  [(folder / f"{i:05d}_nd.png").read_bytes() for i in range(40)],
+                                  [(folder / f"{i:05d}.json").read_text() for i in range(40)], indices,
+                                  ViewConfig(resolution=24))
+        from_shard = object_views(row[schema.IMAGES], row[schema.NORMAL_DEPTH], row[schema.CAMERAS], indices,
+                                  ViewConfig(resolution=24))
+        for key in ("image", "mask", "normal", "coord", "C2W"):
+            assert torch.equal(from_files[key], from_shard[key]), key

@@ -1,4 +1,4 @@
-"""The training loader: packed shards -> DiffSplat per-object tensors (dataset contract, section 7)."""
+"""The training loader: packed shards -> DiffSplat per-object tensors (docs/dataset-contract.md §7)."""
 
 from __future__ import annotations
 
@@ -10,11 +10,12 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+from project_config import models_params, section_params
 from synthetic_renders import CHIBI, make_packed, render_character
 from torch.utils.data import DataLoader
 
 from chibisplat import cameras
-from chibisplat.dataset.embeddings import EmbedParams, embed, read_embeddings
+from chibisplat.dataset.embeddings import embed, read_embeddings
 from chibisplat.dataset.loader import PackedViewsDataset, ViewConfig, canonical_cameras, object_views, pick_views
 from chibisplat.dataset.pack import packed_files
 from chibisplat.identity import sha256_text
@@ -186,8 +187,8 @@ def test_images_masks_and_resizing(chibi):
 def packed(tmp_path_factory):
     root = tmp_path_factory.mktemp("packed")
     packed = make_packed(root, n=8, size=16, num_shards=3)
-    e = EmbedParams(packed_dir=packed, out=root / "prompt_embeds.parquet", tiny_cache_dir=root / "tiny")
-    embed(e, {"source": "tiny"}, log=lambda *_: None)
+    e = section_params("embed", packed_dir=packed, out=root / "prompt_embeds.parquet", tiny_cache_dir=root / "tiny")
+    embed(e, models_params(), log=lambda *_: None)
     return packed_files(packed, "train"), e.out
 
 
@@ -251,12 +252,12 @@ def test_rank_shards_are_disjoint_and_cover_every_character(packed, world_size, 
 
 def test_rank_shards_split_rows_when_row_groups_are_fewer_than_readers(packed, tmp_path):
     """The same 8 characters packed 4 per row group into one shard: 2 row groups for 4 readers, so rows are dealt."""
-    from chibisplat.dataset.pack import PackParams, pack
+    from chibisplat.dataset.pack import pack
 
     files, emb = packed
     root = files[0].parents[2]
     out = tmp_path / "packed4"
-    pack(PackParams(renders_dir=root / "renders", assets_dir=root / "assets", out_dir=out, num_shards=1,
+    pack(section_params("pack", renders_dir=root / "renders", assets_dir=root / "assets", out_dir=out, num_shards=1,
                     val_fraction=0.0, rows_per_group=4), log=lambda *_: None)
     four = packed_files(out, "train")
     assert sum(pq.ParquetFile(f).num_row_groups for f in four) == 2

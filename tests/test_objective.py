@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 
+from chibisplat.protocol import NUM_INPUT_VIEWS
 from chibisplat.training.objective import (
-    NUM_VIEWS,
     SD15_SCHEDULER_CONFIG,
     Batch,
     diffusion_step_inputs,
@@ -49,7 +49,7 @@ def _batch(b: int = 2, h: int = 3) -> Batch:
     c2w = torch.eye(4).repeat(b, 8, 1, 1)
     c2w[..., 2, 3] = 1.4
     return Batch(
-        latents=torch.randn(b, NUM_VIEWS, 4, h, h, generator=g, dtype=torch.float64),
+        latents=torch.randn(b, NUM_INPUT_VIEWS, 4, h, h, generator=g, dtype=torch.float64),
         C2W=c2w,
         fxfycxcy=torch.tensor([1.3889, 1.3889, 0.5, 0.5]).repeat(b, 8, 1),
         target_rgba=torch.zeros(b, 8, 4, 2, 2, dtype=torch.uint8),
@@ -70,7 +70,7 @@ def test_noisy_inputs_and_targets_follow_ddpm(prediction_type):
         inp = diffusion_step_inputs(batch, sched, scaling, null, 0.0, 24, step_generator(3, step))
         x0, eps, t = inp["x0"].double(), inp["noise"].double(), inp["timesteps"]
         assert torch.equal(x0, (0.5 * batch.latents + 0.25).reshape(-1, 4, 3, 3))  # views flattened object-major
-        assert t.shape == (2 * NUM_VIEWS,) and (t.reshape(2, NUM_VIEWS) == t[::NUM_VIEWS, None]).all()
+        assert t.shape == (2 * NUM_INPUT_VIEWS,) and (t.reshape(2, NUM_INPUT_VIEWS) == t[::NUM_INPUT_VIEWS, None]).all()
         seen_t.update(t.tolist())
         a = torch.from_numpy(abar[t.numpy()]).reshape(-1, 1, 1, 1)
         expected_noisy = a.sqrt() * x0 + (1 - a).sqrt() * eps

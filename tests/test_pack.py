@@ -1,4 +1,4 @@
-"""pack: renders -> Parquet shards (dataset contract, section 5)."""
+"""pack: renders -> Parquet shards (docs/dataset-contract.md §5)."""
 
 from __future__ import annotations
 
@@ -15,11 +15,13 @@ import cv2
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from project_config import section_params
 from synthetic_renders import make_dataset, render_character, tinted, CHIBI
 
+from chibisplat.config import PackParams
 from chibisplat.dataset import schema
 from chibisplat.dataset.captions import CaptionBook, CaptionError
-from chibisplat.dataset.pack import PackError, PackParams, pack, packed_files, shard_of, split_of
+from chibisplat.dataset.pack import PackError, pack, packed_files, shard_of, split_of
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +42,7 @@ def params(root: Path, **kw) -> PackParams:
         renders_dir=root / "renders", assets_dir=root / "assets", out_dir=root / "packed",
         num_shards=4, val_num_shards=1, val_fraction=0.25, rows_per_group=2,
     )
-    return PackParams(**{**base, **kw})
+    return section_params("pack", **{**base, **kw})
 
 
 def tree(folder: Path) -> dict[str, tuple[bytes, int]]:
@@ -257,7 +259,8 @@ def test_blender_rendered_character_passes_validation(rendered_character_128, tm
     """The lead's real Blender render (tests/conftest.py ``rendered_character_128``) packs cleanly."""
     folder = Path(rendered_character_128)
     shutil.copytree(folder, tmp_path / "renders" / folder.name)
-    p = PackParams(
+    p = section_params(
+        "pack",
         renders_dir=tmp_path / "renders", assets_dir=tmp_path / "assets", out_dir=tmp_path / "packed",
         num_shards=1, val_fraction=0.0, default_caption="a chibi anime character, {name}",
     )

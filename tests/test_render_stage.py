@@ -1,4 +1,4 @@
-"""The render stage (contract sections 1-4): outcomes for good and bad inputs, incremental re-runs,
+"""The render stage (docs/dataset-contract.md §1-§4): outcomes for good and bad inputs, incremental re-runs,
 atomic writes and security. Tests marked slow run Blender (Cycles on CPU) in worker processes."""
 
 from __future__ import annotations

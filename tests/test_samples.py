@@ -1,7 +1,9 @@
-"""The bundled sample characters in data/assets (built by chibisplat/samples.py).
+"""The bundled sample characters in data/assets (built by chibisplat/tools/samples.py, `make samples`).
 
 The fast tests only read the committed files. The slow test rebuilds the samples in a subprocess
-(bpy is never imported into the pytest process) and compares their geometry with the committed ones.
+(bpy is never imported into the pytest process) and compares them with the committed ones: the same bytes for
+the FBX and glTF files and the captions (they are DVC inputs: other bytes would re-render them), the same geometry
+for the .blend (Blender stores session ids in it).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 ASSETS = ROOT / "data" / "assets"
 MAX_BYTES = 300 * 1024
 
-# name -> format; must match chibisplat.samples.CHARACTERS (which needs bpy to import)
+# name -> format; must match chibisplat.tools.samples.CHARACTERS (which needs bpy to import)
 EXPECTED = {
     "witch_girl": "fbx",
     "cat_girl": "fbx",
@@ -82,7 +84,7 @@ def test_file_names_are_snake_case():
 
 
 def _summary(out_dir: Path, summary: Path, build: bool) -> dict:
-    cmd = [sys.executable, "-m", "chibisplat.samples", "--out", str(out_dir), "--summary", str(summary)]
+    cmd = [sys.executable, "-m", "chibisplat.tools.samples", "--out", str(out_dir), "--summary", str(summary)]
     if not build:
         cmd.append("--no-build")
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900,
@@ -106,6 +108,9 @@ def test_regenerated_samples_match_committed(tmp_path):
             got, want = new[name].get(key), old[name].get(key)
             assert got == want, f"{name}.{key}: regenerated {got} != committed {want}"
         assert (tmp_path / "assets" / f"{name}.txt").read_text() == (ASSETS / f"{name}.txt").read_text()
+        if EXPECTED[name] != "blend":
+            rebuilt, committed = tmp_path / "assets" / _asset(name).name, _asset(name)
+            assert rebuilt.read_bytes() == committed.read_bytes(), f"{name}: rebuilt bytes differ from {committed}"
 
     # properties of the committed characters (as re-imported by Blender)
     for name, s in old.items():

@@ -24,14 +24,15 @@ def random_gaussians(n, seed=0, dtype=torch.float32, scale=(0.01, 0.06)):
 
 def dense_reference(g, c2w, K, width, height, bg=(1.0, 1.0, 1.0)):
     """Every Gaussian at every pixel, depth-sorted, no tiles, no 3-sigma cut (slow; tests only)."""
-    mean2d, cov2d, depth = project_gaussians(g.means, g.quats, g.scales, c2w, K, width, height)
+    mean2d, cov2d, depth, opacity_scale = project_gaussians(g.means, g.quats, g.scales, c2w, K, width, height)
+    opacities = g.opacities * opacity_scale
     order = torch.argsort(depth)
     mean2d, cov2d, depth = mean2d[order], cov2d[order], depth[order]
     v, u = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
     pix = torch.stack([u, v], -1).reshape(-1, 2).to(g.means.dtype) + 0.5
     d = pix[None] - mean2d[:, None]  # (N, P, 2)
     power = -0.5 * torch.einsum("npi,nij,npj->np", d, torch.linalg.inv(cov2d), d)
-    alpha = (g.opacities[order, None] * torch.exp(power)).clamp(max=ALPHA_MAX)
+    alpha = (opacities[order, None] * torch.exp(power)).clamp(max=ALPHA_MAX)
     alpha = torch.where(alpha >= 1 / 255, alpha, torch.zeros_like(alpha))
     trans = torch.cumprod(torch.cat([torch.ones_like(alpha[:1]), 1 - alpha]), 0)
     w = alpha * trans[:-1]
@@ -56,19 +57,25 @@ def test_matches_dense_reference():
     assert (out["alpha"] - ref_alpha).abs().mean() < 1e-3
 
 
-def test_single_gaussian_centre_and_depth():
+@pytest.mark.parametrize("formation", ["diffsplat", "3dgs"])
+def test_single_gaussian_centre_and_depth(formation):
     c2w, K = camera(32, dtype=torch.float64)
     centre = torch.tensor([[0.0, 0.0, 0.0]], dtype=torch.float64)
     g = Gaussians(centre, torch.tensor([[1.0, 0, 0, 0]], dtype=torch.float64), torch.full((1, 3), 0.05, dtype=torch.float64),
                   torch.tensor([0.8], dtype=torch.float64), torch.tensor([[0.9, 0.5, 0.1]], dtype=torch.float64))
-    out = rasterize_torch(g, c2w, K, 32, 32)
+    out = rasterize_torch(g, c2w, K, 32, 32, image_formation=formation)
     alpha = out["alpha"][0]
     peak = torch.nonzero(alpha == alpha.max())[0].tolist()
     assert peak in ([15, 15], [15, 16], [16, 15], [16, 16])  # the origin projects to the image centre
     dist = cameras.DISTANCE_RING_A
-    # Pixel centres sit half a pixel from the projected centre in x and y; 0.3 px^2 low-pass dilation.
-    var = (0.05 * K[0, 0].item() / dist) ** 2 + 0.3
-    assert alpha.max().item() == pytest.approx(0.8 * math.exp(-0.5 * 0.5 / var), rel=1e-3)
+    # Pixel centres sit half a pixel from the projected centre in x and y; "3dgs": 0.3 px^2 low-pass dilation;
+    # "diffsplat": none, and the opacity times RaDe-GS's sqrt(det / (det + 1e-6) + 1e-6), det = var^2 here.
+    var = (0.05 * K[0, 0].item() / dist) ** 2
+    if formation == "3dgs":
+        var, coef = var + 0.3, 1.0
+    else:
+        coef = math.sqrt(var**2 / (var**2 + 1e-6) + 1e-6)
+    assert alpha.max().item() == pytest.approx(0.8 * coef * math.exp(-0.5 * 0.5 / var), rel=1e-3)
     expected_depth = out["depth"][0] / alpha.clamp(min=1e-9)
     assert expected_depth[16, 16].item() == pytest.approx(dist, abs=1e-6)
     assert out["image"][1, 0, 0].item() == pytest.approx(1.0)  # white background far from it
@@ -142,40 +149,35 @@ def test_backend_selection_errors():
     assert math.isfinite(rasterize(g, c2w, K, 8, 8)["image"].sum().item())
 
 
-def test_gsplat_adapter_conventions_with_a_stand_in(monkeypatch):
+@pytest.mark.parametrize("formation", ["diffsplat", "3dgs"])
+def test_gsplat_adapter_conventions_with_a_stand_in(monkeypatch, formation):
     """No GPU here and gsplat has no CPU path, so the adapter is checked against a stand-in `gsplat` module that
-    implements gsplat's documented `rasterization` contract (world-to-camera OpenCV viewmats, pixel Ks, accumulated
-    RGB+D without background, alphas) with our rasterizer. What this proves: our conversion into and out of
-    gsplat's API (viewmat = inverse c2w, K, eps2d, the white background composited after) is right. What it cannot:
-    that gsplat's CUDA kernels agree with ours numerically (a GPU check; see the README)."""
-    import sys
-    import types
-
+    implements gsplat's documented `rasterization` contract (tests/gsplat_stand_in.py). What this proves: our
+    conversion into and out of gsplat's API (viewmat = inverse c2w, K, eps2d, covars, compensated opacities, the white
+    background composited after) is right in both image formations. What it cannot: that gsplat's CUDA kernels agree
+    with ours numerically (tests/test_image_formation.py, where a GPU is present)."""
     from chibisplat.splats import rasterize as rz
+    from gsplat_stand_in import install
 
-    calls = []
-
-    def rasterization(means, quats, scales, opacities, colors, viewmats, Ks, width, height, near_plane, far_plane,
-                      render_mode, eps2d, rasterize_mode):
-        calls.append(dict(viewmats=viewmats, Ks=Ks, render_mode=render_mode, eps2d=eps2d, mode=rasterize_mode,
-                          size=(width, height), planes=(near_plane, far_plane)))
-        g = rz.Gaussians(means, quats, scales, opacities, colors)
-        out = rz.rasterize_torch(g, torch.linalg.inv(viewmats[0]), Ks[0], width, height, background=(0.0, 0.0, 0.0),
-                                 near=near_plane, far=far_plane)
-        rgbd = torch.cat([out["image"], out["depth"]]).permute(1, 2, 0)[None]
-        return rgbd, out["alpha"].permute(1, 2, 0)[None], {}
-
-    monkeypatch.setitem(sys.modules, "gsplat", types.SimpleNamespace(rasterization=rasterization))
-    monkeypatch.setattr(rz, "GSPLAT_DEVICES", ("cpu", "cuda"))
+    calls = install(monkeypatch)
     g = random_gaussians(200)
+    g.quats = g.quats * 1.3  # raw quaternions of length != 1: only "3dgs" may normalise them
     c2w, K = camera(24)
-    ours = rasterize(g, c2w, K, 24, 20, backend="torch")
-    via = rasterize(g, c2w, K, 24, 20, backend="gsplat")
+    ours = rasterize(g, c2w, K, 24, 20, backend="torch", image_formation=formation)
+    via = rasterize(g, c2w, K, 24, 20, backend="gsplat", image_formation=formation)
     for key in ("image", "alpha", "depth"):
         assert via[key].shape == ours[key].shape
         assert torch.allclose(via[key], ours[key], atol=1e-5), key
     (call,) = calls
     assert torch.allclose(call["viewmats"][0] @ torch.as_tensor(c2w, dtype=call["viewmats"].dtype), torch.eye(4), atol=1e-5)
     assert torch.equal(call["Ks"][0], torch.as_tensor(K, dtype=call["Ks"].dtype))
-    assert call["render_mode"] == "RGB+D" and call["eps2d"] == rz.LOW_PASS_DILATION and call["size"] == (24, 20)
-    assert call["mode"] == "classic"
+    assert call["render_mode"] == "RGB+D" and call["size"] == (24, 20) and call["mode"] == "classic"
+    if formation == "3dgs":
+        assert call["eps2d"] == rz.LOW_PASS_DILATION and call["covars"] is None
+        assert torch.equal(call["opacities"], g.opacities)
+    else:
+        assert call["eps2d"] == 0.0
+        assert torch.allclose(call["covars"], rz.covariance_3d(g.quats, g.scales, "diffsplat"))
+        assert not torch.allclose(call["covars"], rz.covariance_3d(g.quats, g.scales, "3dgs"))
+        ratio = call["opacities"] / g.opacities  # RaDe-GS's compensation: in [0, sqrt(1 + 1e-6)], not all 1
+        assert (ratio <= math.sqrt(1 + 1e-6) + 1e-6).all() and (ratio >= 0).all() and (ratio < 1 - 1e-5).any()

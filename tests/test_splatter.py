@@ -3,7 +3,7 @@
 Every channel of every pixel holds its own value, so a swapped colour channel, a scale range used the wrong way
 round, a rotation component moved, an opacity compared with the wrong inequality at the threshold, or a depth
 unprojected through the wrong axis changes a compared number. Expectations are float64 numpy, pixel by pixel,
-from reference §2 ("renderer mapping" column) and §2 "Depth parameterization".
+from docs/diffsplat-reference.md §2 ("renderer mapping" column) and §2 "Depth parameterization".
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ import torch
 import yaml
 from project_config import parse_params, project_params
 
-from chibisplat.training.latents import EVEN_VIEW_SETS
+from chibisplat.protocol import EVEN_VIEW_SETS
 from chibisplat.training.lpips import LPIPS, load_lpips
 
 REPO = Path(__file__).resolve().parents[1]
@@ -108,10 +108,11 @@ def test_latent_cache_shapes_from_packed_rows(tmp_path):
 
     from chibisplat.dataset.pack import packed_files
     from chibisplat.models.sources import tiny_model_stack
-    from chibisplat.training.latents import LatentParams, _rows, encode_character
+    from chibisplat.dataset.rows import shard_rows
+    from chibisplat.training.latents import LatentParams, encode_character
 
     files = packed_files(make_packed(tmp_path, n=1, size=64), "train")
-    row = next(_rows(files[0]))
+    row = next(shard_rows(files[0]))
     out = encode_character(tiny_model_stack(0), row, LatentParams(resolution=64, render_resolution=32))
     assert out["latents"].shape == (9, 4, 4, 8, 8) and out["latents"].dtype == torch.float32
     assert out["C2W"].shape == (9, 8, 4, 4) and out["fxfycxcy"].shape == (9, 8, 4)
@@ -294,13 +295,15 @@ def _unet_weights(folder: Path) -> dict[str, torch.Tensor]:
     return load_file(str(folder / "models" / "unet" / "diffusion_pytorch_model.safetensors"))
 
 
-def test_resume_is_bit_exact_in_process(tmp_path, monkeypatch):
+@pytest.mark.parametrize("mode", ["lora", "full"])
+def test_resume_is_bit_exact_in_process(tmp_path, monkeypatch, mode):
     """Interrupted inside step 3 (after the step-2 checkpoint), then resumed: the same per-step losses and the same
-    final (EMA, LoRA-merged) weights as an uninterrupted run, bit for bit (torch.equal), as the README claims."""
+    final (EMA, LoRA-merged) weights as an uninterrupted run, bit for bit (torch.equal), as the README claims. A LoRA
+    checkpoint holds the adapter alone (the base UNet is rebuilt from models:), a full one every weight."""
     from chibisplat.training import train as train_mod
 
     latents, embeddings = fake_latent_dir(tmp_path)
-    settings = dict(max_steps=4, checkpointing_steps=2, mode="lora", lr=1e-3, use_ema=True, ema_decay=0.9)
+    settings = dict(max_steps=4, checkpointing_steps=2, mode=mode, lr=1e-3, use_ema=True, ema_decay=0.9)
     ref = run_train(make_params(tmp_path / "ref", latents, embeddings, **settings))
 
     real, calls = train_mod.training_step, {"n": 0}
@@ -322,6 +325,13 @@ def test_resume_is_bit_exact_in_process(tmp_path, monkeypatch):
     assert a.keys() == b.keys()
     different = [k for k in a if not torch.equal(a[k], b[k])]
     assert not different, different[:5]
+    if mode == "lora":  # the adapter output too
+        from safetensors.torch import load_file
+
+        adapters = [load_file(str(r / "models" / "unet" / "lora" / "pytorch_lora_weights.safetensors"))
+                    for r in (tmp_path / "ref", tmp_path / "cut")]
+        assert adapters[0].keys() == adapters[1].keys() and adapters[0]
+        assert all(torch.equal(adapters[0][k], adapters[1][k]) for k in adapters[0])
     # ... and the run really trained: the final weights are not the initial ones.
     from chibisplat.models.sources import tiny_model_stack
 

@@ -46,8 +46,7 @@ def rewrite_as_dvc_does(params_file: Path, overrides: list[str]) -> None:
 
 
 def test_baseline_undoes_what_dvc_exp_run_changes(tmp_path):
-    from chibisplat.training.finetune import FinetuneParams
-    from chibisplat.training.train import TrainParams
+    from project_config import project_config
 
     used = tmp_path / "params.yaml"
     shutil.copy(REPO / "params.yaml", used)
@@ -58,9 +57,9 @@ def test_baseline_undoes_what_dvc_exp_run_changes(tmp_path):
     ours, fresh = baseline(raw), project_params()
     assert ours == fresh
     assert ours["models"]["source"] == "tiny" and ours["train"]["lr"] is None and not ours["finetune"]["gsrecon"]
-    assert TrainParams.from_params(ours) == TrainParams.from_params(fresh)
-    assert TrainParams.from_params(ours).mixed_precision == "no"  # the tiny preset's string, not YAML 1.1's False
-    assert FinetuneParams.from_params(ours) == FinetuneParams.from_params(fresh)
+    assert project_config(ours).train == project_config(fresh).train
+    assert project_config(ours).train.mixed_precision == "no"  # the tiny preset's string, not YAML 1.1's False
+    assert project_config(ours).finetune == project_config(fresh).finetune
 
 
 def test_missing_prerequisites_fail_under_ci_and_skip_elsewhere(monkeypatch):

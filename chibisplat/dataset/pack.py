@@ -1,4 +1,4 @@
-"""Pack rendered characters into Parquet shards (dataset contract, section 5).
+"""Pack rendered characters into Parquet shards (docs/dataset-contract.md §5).
 
 ``<renders>/<uid>/`` (40 x ``{i:05d}.png``, ``{i:05d}_nd.png``, ``{i:05d}.json`` + ``meta.json``) becomes one row of
 ``<packed>/<split>/shard-XXXXX.parquet``. The split and the shard of a character are pure functions of its uid, rows
@@ -30,12 +30,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from chibisplat import cameras
+from chibisplat.config import PackParams
+from chibisplat.config_schema import SPLITS
 from chibisplat.dataset import schema
 from chibisplat.dataset.captions import CaptionBook, CaptionError
 from chibisplat.identity import sha256_json
-from chibisplat.png import COMPRESSION, decode_png, write_bytes_atomic
+from chibisplat.files import atomic_path, write_atomic
+from chibisplat.png import COMPRESSION, decode_png
+from chibisplat.protocol import NUM_SLOTS
 
-SPLITS = ("train", "val")
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = 2  # 2: normal_depth as 4 x 16-bit grayscale PNGs per view
 SHARD_PATTERN = re.compile(r"^shard-(\d{5})\.parquet$")
@@ -45,41 +48,6 @@ META_FIELDS = ("uid", "source", "source_sha256", "render_config_sha256")
 
 class PackError(ValueError):
     """A character's render folder breaks the contract; the message names the folder and what to do."""
-
-
-@dataclass(frozen=True)
-class PackParams:
-    """params.yaml ``pack:``."""
-
-    renders_dir: Path = Path("data/renders")
-    assets_dir: Path = Path("data/assets")
-    out_dir: Path = Path("data/packed")
-    num_shards: int = 16  # train shards; make it a multiple of (GPUs x DataLoader workers)
-    val_num_shards: int = 1
-    val_fraction: float = 0.02
-    rows_per_group: int = 4  # characters per Parquet row group (the streaming unit of the loader)
-    default_caption: str | None = None  # e.g. "a chibi anime character, {name}"; None: a missing caption is an error
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "PackParams":
-        known = set(cls.__dataclass_fields__)
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"params.yaml pack: unknown keys {sorted(unknown)}; known keys are {sorted(known)}")
-        return cls(**d)
-
-    def __post_init__(self):
-        for k in ("renders_dir", "assets_dir", "out_dir"):
-            object.__setattr__(self, k, Path(getattr(self, k)))
-        if self.num_shards < 1 or self.val_num_shards < 1:
-            raise ValueError("params.yaml pack.num_shards and pack.val_num_shards must be >= 1")
-        if not 0.0 <= self.val_fraction < 1.0:
-            raise ValueError(f"params.yaml pack.val_fraction must be in [0, 1), got {self.val_fraction}")
-        if self.rows_per_group < 1:
-            raise ValueError("params.yaml pack.rows_per_group must be >= 1")
-
-    def shards_in(self, split: str) -> int:
-        return self.num_shards if split == "train" else self.val_num_shards
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -160,18 +128,18 @@ def read_meta(folder: Path) -> dict:
 def check_view_files(folder: Path, uid: str) -> None:
     """All 40 x 3 view files exist and there is no view file beyond slot 39."""
     present = {p.name for p in folder.iterdir()}
-    missing = [n for i in range(cameras.NUM_VIEWS) for n in view_files(i) if n not in present]
-    extra = sorted(n for n in present if (m := _VIEW_FILE.match(n)) and int(m.group(1)) >= cameras.NUM_VIEWS)
+    missing = [n for i in range(NUM_SLOTS) for n in view_files(i) if n not in present]
+    extra = sorted(n for n in present if (m := _VIEW_FILE.match(n)) and int(m.group(1)) >= NUM_SLOTS)
     if missing:
         views = sorted({int(n[:5]) for n in missing})
         raise _fail(
             folder,
             uid,
-            f"expected {cameras.NUM_VIEWS} views, {len(missing)} files are missing "
+            f"expected {NUM_SLOTS} views, {len(missing)} files are missing "
             f"(views {views[:10]}{'...' if len(views) > 10 else ''}, e.g. {missing[0]})",
         )
     if extra:
-        raise _fail(folder, uid, f"unexpected view files beyond slot {cameras.NUM_VIEWS - 1}: {extra[:5]}")
+        raise _fail(folder, uid, f"unexpected view files beyond slot {NUM_SLOTS - 1}: {extra[:5]}")
 
 
 def read_inputs(folder: Path, captions: CaptionBook) -> CharacterInputs:
@@ -184,7 +152,7 @@ def read_inputs(folder: Path, captions: CaptionBook) -> CharacterInputs:
     except CaptionError as e:
         raise PackError(f"{folder} (character {uid}): {e}") from None
     hashes = []
-    for i in range(cameras.NUM_VIEWS):
+    for i in range(NUM_SLOTS):
         for name in view_files(i):
             hashes.append(hashlib.sha256((folder / name).read_bytes()).hexdigest())
     return CharacterInputs(uid, folder, meta, caption.text, caption.origin, hashes)
@@ -235,7 +203,7 @@ def character_row(inputs: CharacterInputs, validate: bool = True, encode: bool =
     images, normal_depth, cams = [], [], []
     size = None
     hashes = iter(inputs.files_sha256)
-    for i in range(cameras.NUM_VIEWS):
+    for i in range(NUM_SLOTS):
         png_name, nd_name, json_name = view_files(i)
         rgba, nd, cam_bytes = (folder / png_name).read_bytes(), (folder / nd_name).read_bytes(), (folder / json_name).read_bytes()
         for data, name in ((rgba, png_name), (nd, nd_name), (cam_bytes, json_name)):
@@ -301,23 +269,14 @@ def writer_fingerprint(rows_per_group: int) -> dict:
 
 def write_shard(rows_inputs: list[CharacterInputs], path: Path, rows_per_group: int) -> None:
     """Writes one (validated) shard through a temporary file, one row group at a time (bounded memory)."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with pq.ParquetWriter(tmp, schema.packed_schema(), **_writer_options()) as writer, \
-                ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:  # PNG coding releases the GIL
-            for start in range(0, len(rows_inputs), rows_per_group):
-                rows = list(pool.map(functools.partial(character_row, validate=False),
-                                     rows_inputs[start : start + rows_per_group]))
-                writer.write_table(pa.Table.from_pylist(rows, schema=schema.packed_schema()), row_group_size=rows_per_group)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        if path.is_file() and _sha256_file(path) == _sha256_file(tmp):
-            tmp.unlink()  # same bytes already there: keep the old file and its mtime
-        else:
-            os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    # keep_identical: when the same bytes are already there, the old file and its mtime stay
+    with atomic_path(path, fsync=True, keep_identical=True) as tmp, \
+            pq.ParquetWriter(tmp, schema.packed_schema(), **_writer_options()) as writer, \
+            ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:  # PNG coding releases the GIL
+        for start in range(0, len(rows_inputs), rows_per_group):
+            rows = list(pool.map(functools.partial(character_row, validate=False),
+                                 rows_inputs[start : start + rows_per_group]))
+            writer.write_table(pa.Table.from_pylist(rows, schema=schema.packed_schema()), row_group_size=rows_per_group)
 
 
 def _sha256_file(path: Path) -> str:
@@ -444,7 +403,7 @@ def pack(params: PackParams, log=print) -> PackSummary:
     man_path = params.out_dir / MANIFEST
     if not man_path.is_file() or man_path.read_text(encoding="utf-8") != text:
         params.out_dir.mkdir(parents=True, exist_ok=True)
-        write_bytes_atomic(man_path, text.encode("utf-8"))
+        write_atomic(man_path, text, fsync=True)
     for w in summary.warnings:
         log(f"pack: warning: {w}")
     return summary

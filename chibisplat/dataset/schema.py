@@ -1,4 +1,4 @@
-"""The Parquet layouts of the packed dataset and of the prompt embeddings (dataset contract, sections 5-6).
+"""The Parquet layouts of the packed dataset and of the prompt embeddings (docs/dataset-contract.md §5-§6).
 
 This is the one place where column names, their Arrow types and the Hugging Face ``datasets`` features
 are defined. The Arrow schema is derived from the features, so the ``huggingface`` schema metadata that lets

@@ -3,7 +3,8 @@
 Two sources (params.yaml ``models.source``):
 
 * ``pretrained``: the ``text_encoder/`` and ``tokenizer/`` of a Stable Diffusion 1.5 folder: ``models.sd15.path``
-  when set, else the Hugging Face cache at ``models.sd15.repo`` + pinned ``models.sd15.revision``. Never downloads.
+  when set, else the Hugging Face cache at ``models.sd15.repo`` + pinned ``models.sd15.revision``
+  (chibisplat/models/hub.py ``sd15_folder``, shared with the model stack). Never downloads.
 * ``tiny``: the offline default. A 2-layer ``CLIPTextModel`` (hidden size 768, so embeddings keep SD1.5's shape)
   with seeded weights and a byte-level ``CLIPTokenizer``, both built locally and deterministically and saved in the
   same folder layout. Its identifier (``tiny-clip-text:seed0:<weights sha256[:12]>``) is stored next to every
@@ -17,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,9 +25,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from chibisplat.config import ModelsParams
 from chibisplat.dataset.schema import PROMPT_DIM, PROMPT_TOKENS
 from chibisplat.device import module_device, resolve_device, to_device
-from chibisplat.identity import sha256_files
+from chibisplat.files import install_folder_once
+from chibisplat.identity import sha256_files, sha256_state
+from chibisplat.models.hub import ModelSourceError, sd15_folder
 
 TINY_PREFIX = "tiny-clip-text"
 TINY_LAYERS = 2
@@ -38,8 +41,10 @@ _WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 _TOKENIZER_FILES = ("vocab.json", "merges.txt")
 
 
-class TextEncoderMissing(FileNotFoundError):
-    """The configured text encoder is not on this machine; the message says how to get it."""
+# The configured text encoder is not on this machine (the message says how to get it): the one error of every model
+# source (chibisplat/models/hub.py), under the name the embed stage knows.
+TextEncoderMissing = ModelSourceError
+TEXT_ENCODER_REQUIRED = ("text_encoder/", "tokenizer/")  # what the embed stage needs of the SD1.5 folder
 
 
 @dataclass
@@ -127,16 +132,6 @@ def build_tiny(folder: Path, seed: int = 0) -> None:
     model.save_pretrained(enc_dir, safe_serialization=True)
 
 
-def _state_sha256(model: torch.nn.Module) -> str:
-    """Hash of the weights themselves (names, dtypes, shapes, bytes), independent of the file format."""
-    h = hashlib.sha256()
-    for name, t in sorted(model.state_dict().items()):
-        t = t.detach().cpu().contiguous()
-        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
-
-
 def _mkdir(path: Path) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     return path
@@ -148,13 +143,10 @@ def load_tiny(cache_dir: Path, seed: int = 0, device: str = "cpu") -> TextEncode
         # Built beside the final folder and renamed into place, so a reader never sees half of it.
         staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=_mkdir(folder.parent)))
         build_tiny(staging, seed)
-        try:
-            staging.rename(folder)
-        except OSError:  # another process got there first; its copy is identical
-            shutil.rmtree(staging, ignore_errors=True)
+        install_folder_once(staging, folder)  # another process may have got there first: its copy is identical
     tokenizer, model = _load_folder(folder, device)
     tok_sha = sha256_files([folder / "tokenizer" / n for n in _TOKENIZER_FILES])
-    weights = hashlib.sha256((_state_sha256(model) + tok_sha).encode()).hexdigest()
+    weights = hashlib.sha256((sha256_state(model.state_dict()) + tok_sha).encode()).hexdigest()
     return TextEncoder(tokenizer, model, f"{TINY_PREFIX}:seed{seed}:{weights[:12]}")
 
 
@@ -162,53 +154,15 @@ def load_tiny(cache_dir: Path, seed: int = 0, device: str = "cpu") -> TextEncode
 # Pretrained SD1.5.
 
 
-def _download_hint(repo: str, revision: str | None) -> str:
-    rev = f" --revision {revision}" if revision else ""
-    return (
-        f"download it with `hf download {repo}{rev} --include 'text_encoder/*' 'tokenizer/*'` "
-        f"(or set models.sd15.path to a local Stable Diffusion 1.5 folder), or set models.source: tiny"
-    )
-
-
-def resolve_sd15_folder(repo: str | None, revision: str | None, path: str | None) -> Path:
-    """The local folder holding ``text_encoder/`` and ``tokenizer/``; never downloads."""
-    if path:
-        folder = Path(path)
-        if not (folder / "text_encoder").is_dir() or not (folder / "tokenizer").is_dir():
-            raise TextEncoderMissing(
-                f"models.sd15.path = {folder}: no text_encoder/ and tokenizer/ subfolders there; "
-                + _download_hint(repo or "stable-diffusion-v1-5/stable-diffusion-v1-5", revision)
-            )
-        return folder
-    if not repo or not revision:
-        raise TextEncoderMissing(
-            "models.source is pretrained but params.yaml sets neither models.sd15.path nor both models.sd15.repo and "
-            "models.sd15.revision (a pinned commit hash)"
-        )
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import LocalEntryNotFoundError
-
-    try:
-        return Path(
-            snapshot_download(
-                repo, revision=revision, local_files_only=True, allow_patterns=["text_encoder/*", "tokenizer/*"]
-            )
-        )
-    except (LocalEntryNotFoundError, FileNotFoundError, OSError) as e:
-        raise TextEncoderMissing(
-            f"{repo}@{revision} is not in the Hugging Face cache ({type(e).__name__}); " + _download_hint(repo, revision)
-        ) from None
-
-
 def load_pretrained(folder: Path, label: str, device: str = "cpu") -> TextEncoder:
     folder = Path(folder)
     weights = next((folder / "text_encoder" / n for n in _WEIGHT_FILES if (folder / "text_encoder" / n).is_file()), None)
     if weights is None:
-        raise TextEncoderMissing(f"{folder / 'text_encoder'}: no {' or '.join(_WEIGHT_FILES)}; the download is incomplete")
+        raise ModelSourceError(f"{folder / 'text_encoder'}: no {' or '.join(_WEIGHT_FILES)}; the download is incomplete")
     files = [weights, folder / "text_encoder" / "config.json"] + [folder / "tokenizer" / n for n in _TOKENIZER_FILES]
     missing = [str(f) for f in files if not f.is_file()]
     if missing:
-        raise TextEncoderMissing(f"{folder}: missing {missing}; the download is incomplete")
+        raise ModelSourceError(f"{folder}: missing {missing}; the download is incomplete")
     tokenizer, model = _load_folder(folder, device)
     return TextEncoder(tokenizer, model, f"clip-text:{label}:{sha256_files(files)[:12]}")
 
@@ -224,14 +178,13 @@ def _load_folder(folder: Path, device: str):
     return tokenizer, to_device(model.float(), resolve_device(device)).eval()
 
 
-def load_text_encoder(models: dict, cache_dir: Path, tiny_seed: int = 0, device: str = "cpu") -> TextEncoder:
+def load_text_encoder(models: ModelsParams, cache_dir: Path, tiny_seed: int = 0, device: str = "cpu") -> TextEncoder:
     """The text encoder that params.yaml ``models:`` selects (``source: tiny | pretrained``)."""
-    source = models.get("source", "tiny")
-    if source == "tiny":
+    if isinstance(models, dict):  # TRANSITION: chibisplat/cli.py passes the raw section until it is converted
+        from chibisplat.config import build
+
+        models = build(ModelsParams, models, "models")
+    if models.tiny:
         return load_tiny(cache_dir, tiny_seed, device)
-    if source == "pretrained":
-        sd15 = models.get("sd15") or {}
-        folder = resolve_sd15_folder(sd15.get("repo"), sd15.get("revision"), sd15.get("path"))
-        label = sd15.get("path") or f"{sd15.get('repo')}@{sd15.get('revision')}"
-        return load_pretrained(folder, label, device)
-    raise ValueError(f"params.yaml models.source must be 'tiny' or 'pretrained', got {source!r}")
+    folder = sd15_folder(models, TEXT_ENCODER_REQUIRED)
+    return load_pretrained(folder, models.sd15.label, device)

@@ -1,7 +1,7 @@
 """Strict loading of state dicts, and DiffSplat's accelerate checkpoint layout.
 
 DiffSplat saves GSRecon and GSVAE with ``accelerator.save_state`` under
-``<out>/<tag>/checkpoints/<iteration:06d>/model.safetensors`` (reference §7) and loads them strictly;
+``<out>/<tag>/checkpoints/<iteration:06d>/model.safetensors`` (docs/diffsplat-reference.md §7) and loads them strictly;
 this module reads and writes that layout so our models and the published files are interchangeable.
 """
 
@@ -12,6 +12,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+
+from chibisplat.files import atomic_path
 
 ACCELERATE_MODEL_FILE = "model.safetensors"
 
@@ -79,9 +81,11 @@ def load_accelerate_checkpoint(model: nn.Module, tag_dir: Path, iteration: int |
 
 
 def save_accelerate_checkpoint(model: nn.Module, tag_dir: Path, iteration: int) -> Path:
-    """Write ``model`` in DiffSplat's layout, so DiffSplat's ``load_ckpt`` (and ours) can read it."""
+    """Write ``model`` in DiffSplat's layout, so DiffSplat's ``load_ckpt`` (and ours) can read it; atomically (a
+    killed writer never leaves half a file that a later load would reject)."""
     path = Path(tag_dir) / "checkpoints" / f"{iteration:06d}" / ACCELERATE_MODEL_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(state, str(path), metadata={"format": "pt"})
+    with atomic_path(path) as tmp:
+        save_file(state, str(tmp), metadata={"format": "pt"})
     return path

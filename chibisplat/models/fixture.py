@@ -1,6 +1,7 @@
 """Random full-size weights in exactly the published layouts, for running the real (pretrained) path offline.
 
     python -m chibisplat.models.fixture --out DIR          # ~6 GB of float32 files, about a minute on 2 cores
+    python -m chibisplat.models.fixture --out DIR --image  # + the image-conditioned UNet and SD1.5's VAE (~+3.7 GB)
 
 writes::
 
@@ -8,7 +9,10 @@ writes::
     DIR/diffsplat/gsvae_gobj265k_sd/checkpoints/<iter>/model.safetensors            GSVAE (SD1.5 VAE + TAESD, 84M)
     DIR/diffsplat/gsdiff_gobj83k_sd15__render/checkpoints/013020/unet_ema/          config.json as DiffSplat's
         UNetMV2DConditionModel writes it (MV2D block names) + diffusion_pytorch_model.safetensors (conv_in 10, 860M)
+    DIR/diffsplat/gsdiff_gobj83k_sd15_image__render/checkpoints/013020/unet_ema/    (--image) the image-conditioned
+        UNet: same layout, conv_in 11, view_concat_condition / input_concat_binary_mask true (docs/image-to-3d.md §1)
     DIR/sd15/unet/config.json, DIR/sd15/scheduler/scheduler_config.json            SD1.5's configs
+    DIR/sd15/vae/                                (--image) SD1.5's RGB AutoencoderKL (84M): encodes the condition image
     DIR/sd15/text_encoder/                       full-size CLIP ViT-L/14 text encoder (12 layers, hidden 768, 123M)
     DIR/sd15/tokenizer/                          a byte-level CLIPTokenizer built locally (no hub)
     DIR/clip-vit-large-patch14/                  full-size CLIPModel ViT-L/14 (evaluate's CLIP score) + tokenizer
@@ -35,10 +39,14 @@ import torch
 from chibisplat.dataset.schema import PROMPT_DIM, PROMPT_TOKENS
 from chibisplat.dataset.text_encoder import BOS, EOS, write_tiny_tokenizer
 from chibisplat.models.checkpoints import save_accelerate_checkpoint
-from chibisplat.models.gsdiff import DIFFSPLAT_BLOCK_NAMES, SD15_UNET_CONFIG, build_mv_unet, mv_unet_config
+from chibisplat.models.gsdiff import (
+    DIFFSPLAT_BLOCK_NAMES, SD15_UNET_CONFIG, build_mv_unet, mv_unet_config, mv_unet_in_channels,
+)
 from chibisplat.models.gsrecon import GSRecon
-from chibisplat.models.gsvae import GSAutoencoderKL
-from chibisplat.models.sources import GSDIFF_UNET_SUBDIR, GSRECON_TAG, GSVAE_TAG
+from chibisplat.models.gsvae import GSAutoencoderKL, sd15_vae
+from chibisplat.models.sources import (
+    GSDIFF_IMAGE_UNET_SUBDIR, GSDIFF_UNET_SUBDIR, GSRECON_TAG, GSVAE_TAG, SD15_VAE_SUBFOLDER,
+)
 
 GSRECON_ITERATION = 124320  # the released GSRecon checkpoint (reference: 30 epochs x 4144 steps)
 GSVAE_ITERATION = 124320  # not observed in the release; any <iteration>/ folder is read (the highest)
@@ -68,6 +76,20 @@ def write_diffsplat_unet(unet, folder: Path) -> Path:
     cfg["mid_block_type"] = published.get(cfg.get("mid_block_type"), cfg.get("mid_block_type"))
     (folder / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     return folder
+
+
+def image_unet_config(base: dict | None = None) -> dict:
+    """The image-conditioned GSDiff UNet's config (conv_in 11, DiffSplat's image flags) from a 4-channel SD config."""
+    return mv_unet_config(base, in_channels=mv_unet_in_channels(True), image_conditioned=True)
+
+
+def write_image_model(root: Path, sd15: Path, unet, image_vae) -> tuple[Path, Path]:
+    """The image-to-3D files in their published places: ``unet`` as ``<root>/gsdiff_gobj83k_sd15_image__render/
+    checkpoints/013020/unet_ema`` and ``image_vae`` as ``<sd15>/vae`` (diffusers layout)."""
+    unet_dir = write_diffsplat_unet(unet, Path(root) / GSDIFF_IMAGE_UNET_SUBDIR)
+    vae_dir = Path(sd15) / SD15_VAE_SUBFOLDER
+    image_vae.save_pretrained(str(vae_dir), safe_serialization=True)
+    return unet_dir, vae_dir
 
 
 def _token_ids(vocab: dict[str, int]) -> dict:
@@ -117,8 +139,9 @@ def write_sd15(folder: Path, seed: int = 0) -> Path:
     return folder
 
 
-def write_fixture(out: Path, seed: int = 0, clip: bool = True, log=print) -> dict:
-    """Write every folder of the module docstring under ``out``; returns the params that select them."""
+def write_fixture(out: Path, seed: int = 0, clip: bool = True, log=print, image: bool = False) -> dict:
+    """Write every folder of the module docstring under ``out`` (``image``: the image-to-3D ones too); returns the
+    params that select them."""
     out = Path(out)
     root = out / DIFFSPLAT_DIR
     times = {}
@@ -140,6 +163,13 @@ def write_fixture(out: Path, seed: int = 0, clip: bool = True, log=print) -> dic
         "models": {"source": "pretrained", "sd15": {"path": str(out / SD15_DIR)},
                    "diffsplat": {"path": str(root)}},
     }
+    if image:
+        t = time.perf_counter()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed + 5)
+            write_image_model(root, out / SD15_DIR, build_mv_unet(image_unet_config()), sd15_vae())
+        times["image model"] = time.perf_counter() - t
+        params["models"]["image_conditioned"] = True
     if clip:
         t = time.perf_counter()
         write_clip_model(out / CLIP_DIR, SD15_TEXT_CONFIG, CLIP_VISION_CONFIG, projection_dim=768, seed=seed + 4)
@@ -154,8 +184,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True, help="folder to write (created)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-clip", dest="clip", action="store_false", help="skip the CLIP ViT-L/14 folder")
+    parser.add_argument("--image", action="store_true",
+                        help="also the image-conditioned UNet and SD1.5's VAE (image-to-3D; models.image_conditioned)")
     args = parser.parse_args(argv)
-    params = write_fixture(args.out, args.seed, args.clip)
+    params = write_fixture(args.out, args.seed, args.clip, image=args.image)
     print("params.yaml keys that select it (dvc exp run -S ... or a params file):")
     print(json.dumps(params, indent=2))
     return 0

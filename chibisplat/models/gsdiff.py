@@ -1,4 +1,4 @@
-"""GSDiff: the SD1.5 UNet made multi-view (DiffSplat stage 3; reference §4).
+"""GSDiff: the SD1.5 UNet made multi-view (DiffSplat stage 3; docs/diffsplat-reference.md §4).
 
 The network is a plain diffusers ``UNet2DConditionModel`` (so its state-dict keys are exactly SD1.5's)
 with two changes:
@@ -31,6 +31,10 @@ from chibisplat.models.checkpoints import empty_model, load_state_dict_strict
 LATENT_CHANNELS = 4
 PLUCKER_CHANNELS = 6
 MASK_CHANNELS = 1
+# The image-conditioned variant's binary mask channel (docs/image-to-3d.md §3): 0 on the condition view, 1 on the
+# views being generated.
+CONDITION_VIEW_MASK = 0.0
+GENERATED_VIEW_MASK = 1.0
 SD15_PROMPT_TOKENS = 77
 SD15_PROMPT_DIM = 768
 
@@ -119,6 +123,16 @@ def set_multiview_attention(unet: UNet2DConditionModel) -> UNet2DConditionModel:
     }
     unet.set_attn_processor(processors)
     return unet
+
+
+def mv_unet_in_channels(image_conditioned: bool = False) -> int:
+    """conv_in width: latent + Plücker (10), + the binary mask for the image-conditioned model (11)."""
+    return LATENT_CHANNELS + PLUCKER_CHANNELS + (MASK_CHANNELS if image_conditioned else 0)
+
+
+def is_image_conditioned(unet) -> bool:
+    """Whether ``unet`` is DiffSplat's image-conditioned variant (condition view concatenated, binary mask input)."""
+    return bool(getattr(unet.config, "view_concat_condition", False))
 
 
 def mv_unet_config(base: dict | None = None, in_channels: int = 10, sample_size: int = 32, image_conditioned: bool = False) -> dict:
@@ -213,6 +227,29 @@ def plucker_condition(c2w: Tensor, fxfycxcy: Tensor, image_size: int, latent_siz
     """
     rays = plucker_rays(image_size, image_size, c2w, fxfycxcy)  # (N, 6, H, W)
     return F.interpolate(rays, size=(latent_size, latent_size), mode="bilinear", align_corners=False)
+
+
+def with_condition_view(noisy: Tensor, plucker: Tensor, condition: Tensor, num_views: int) -> Tensor:
+    """The image-conditioned UNet input of B objects (docs/image-to-3d.md §3): per object the condition view first,
+    then its ``num_views`` generated views; ``(B*(1+V), 11, h, w)``.
+
+    ``noisy`` (B*V, 4, h, w) noisy latents; ``plucker`` (B*V, 6, h, w) of the generated views (the condition view gets
+    a copy of view 0's: it is the same camera); ``condition`` (B, 4, h, w) the scaled image latent (zeros when dropped).
+    Mask channel: :data:`CONDITION_VIEW_MASK` on the condition view, :data:`GENERATED_VIEW_MASK` on the others.
+    """
+    b = condition.shape[0]
+    lat = torch.cat([condition[:, None].to(noisy.dtype), noisy.reshape(b, num_views, *noisy.shape[1:])], dim=1)
+    pl = plucker.reshape(b, num_views, *plucker.shape[1:])
+    pl = torch.cat([pl[:, :1], pl], dim=1)
+    mask = torch.full((b, 1 + num_views), GENERATED_VIEW_MASK, dtype=noisy.dtype, device=noisy.device)
+    mask[:, 0] = CONDITION_VIEW_MASK
+    return mv_unet_input(lat.flatten(0, 1), pl.flatten(0, 1), mask.flatten())
+
+
+def generated_views(out: Tensor, num_views: int) -> Tensor:
+    """UNet output ``(B*(1+V), ...)`` of :func:`with_condition_view` inputs -> the V generated views ``(B*V, ...)``
+    (the condition view's output is discarded, as DiffSplat does)."""
+    return out.reshape(-1, 1 + num_views, *out.shape[1:])[:, 1:].flatten(0, 1)
 
 
 def mv_unet_input(latents: Tensor, plucker: Tensor, generated_mask: Tensor | None = None) -> Tensor:

@@ -1,10 +1,10 @@
-"""GSRecon: 4 posed views -> per-pixel Gaussians (DiffSplat stage 1; reference §2).
+"""GSRecon: 4 posed views -> per-pixel Gaussians (DiffSplat stage 1; docs/diffsplat-reference.md §2).
 
 A ViT over 8x8 patches of [RGB, normal, coord] (in [0, 1], mapped to [-1, 1]) concatenated with Plücker
 rays; the tokens of all views attend jointly (no positional embedding: cameras enter only through the
 Plücker rays). Five bias-free linear heads give a splatter image per view.
 
-Module attribute names are the published checkpoint's state-dict keys (reference §7), so
+Module attribute names are the published checkpoint's state-dict keys (docs/diffsplat-reference.md §7), so
 ``gsrecon_gobj265k_cnp_even4/checkpoints/124320/model.safetensors`` loads strictly.
 """
 

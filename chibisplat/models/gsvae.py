@@ -1,4 +1,4 @@
-"""GSVAE: splatter images (12 channels) <-> Stable Diffusion latents (DiffSplat stage 2; reference §3).
+"""GSVAE: splatter images (12 channels) <-> Stable Diffusion latents (DiffSplat stage 2; docs/diffsplat-reference.md §3).
 
 ``vae`` is the SD1.5 KL autoencoder with its first and last convolutions widened from 3 to 12 channels;
 ``tiny_decoder`` is a TAESD decoder with a 12-channel output, used only for cheap rendering losses.
@@ -74,7 +74,7 @@ class GSAutoencoderKL(ModelMixin, ConfigMixin):
 
     @classmethod
     def from_rgb_autoencoders(cls, vae: AutoencoderKL, taesd: AutoencoderTiny, **config) -> "GSAutoencoderKL":
-        """Initialise from a 3-channel SD VAE and TAESD as DiffSplat does (reference §3).
+        """Initialise from a 3-channel SD VAE and TAESD as DiffSplat does (docs/diffsplat-reference.md §3).
 
         The 12-channel input conv repeats the RGB weights 4 times along input channels (no rescaling); the
         12-channel output convs repeat weights and biases 4 times along output channels. All other weights
@@ -124,7 +124,7 @@ class GSAutoencoderKL(ModelMixin, ConfigMixin):
     def decode(self, latents: Tensor, use_tiny_decoder: bool = False) -> Tensor:
         """Unscaled latents (N, 4, h, w) -> splatter images (N, 12, 8h, 8w) clamped to [-1, 1].
 
-        The tiny path reproduces DiffSplat's quirks (reference §11.6): the latents are first multiplied by
+        The tiny path reproduces DiffSplat's quirks (docs/diffsplat-reference.md §11.6): the latents are first multiplied by
         the scaling factor (TAESD expects scaled latents) and still pass through the KL-VAE's
         ``post_quant_conv`` before the tiny decoder.
         """

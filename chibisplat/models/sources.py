@@ -22,10 +22,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from diffusers import UNet2DConditionModel
+from diffusers import AutoencoderKL, UNet2DConditionModel
 
-from chibisplat.models.checkpoints import empty_model, load_accelerate_checkpoint
-from chibisplat.models.gsdiff import SD15_UNET_CONFIG, build_mv_unet, load_mv_unet, mv_unet_config, widen_conv_in
+from chibisplat.models.checkpoints import empty_model, load_accelerate_checkpoint, load_state_dict_strict
+from chibisplat.models.gsdiff import (
+    SD15_UNET_CONFIG, _read_diffusers_weights, build_mv_unet, load_mv_unet, mv_unet_config, mv_unet_in_channels,
+    widen_conv_in,
+)
 from chibisplat.models.gsrecon import GSRecon
 from chibisplat.models.gsvae import GSAutoencoderKL, sd15_vae, taesd
 
@@ -34,6 +37,9 @@ DIFFSPLAT_REPO = "chenguolin/DiffSplat"
 GSRECON_TAG = "gsrecon_gobj265k_cnp_even4"
 GSVAE_TAG = "gsvae_gobj265k_sd"
 GSDIFF_UNET_SUBDIR = "gsdiff_gobj83k_sd15__render/checkpoints/013020/unet_ema"
+# The image-conditioned SD1.5 model (conv_in 11 = latent 4 + Plücker 6 + binary mask 1; docs/image-to-3d.md §1).
+GSDIFF_IMAGE_UNET_SUBDIR = "gsdiff_gobj83k_sd15_image__render/checkpoints/013020/unet_ema"
+SD15_VAE_SUBFOLDER = "vae"  # SD1.5's RGB image VAE: encodes the condition image of the image model
 SD15_SUBFOLDERS = ("unet", "vae", "scheduler", "tokenizer", "text_encoder")
 
 # Tiny widths: every module keeps its published structure (patchify, VAE downsampling x8, TAESD x8
@@ -61,6 +67,8 @@ class ModelStack:
     gsvae: GSAutoencoderKL
     unet: UNet2DConditionModel | None  # None: loaded with_unet=False
     sd15_path: Path | None  # scheduler / tokenizer / text encoder folder (pretrained only)
+    # SD1.5's RGB VAE, which encodes the condition image (models.image_conditioned only; docs/image-to-3d.md §1)
+    image_vae: AutoencoderKL | None = None
 
 
 class ModelSourceError(FileNotFoundError):
@@ -110,52 +118,102 @@ def resolve_snapshot(spec: dict, patterns: list[str], default_repo: str, require
     return folder
 
 
+def gsdiff_unet_subdir(image_conditioned: bool) -> str:
+    """The published UNet folder of the text (conv_in 10) or the image-conditioned (conv_in 11) model."""
+    return GSDIFF_IMAGE_UNET_SUBDIR if image_conditioned else GSDIFF_UNET_SUBDIR
+
+
 def diffsplat_folder(models_cfg: dict) -> Path:
-    """The folder holding the three published DiffSplat SD1.5 checkpoints."""
-    patterns = [f"{GSRECON_TAG}/*", f"{GSVAE_TAG}/*", f"{GSDIFF_UNET_SUBDIR}/*"]
-    required = [f"{GSRECON_TAG}/checkpoints", f"{GSVAE_TAG}/checkpoints", f"{GSDIFF_UNET_SUBDIR}/config.json"]
+    """The folder holding the three published DiffSplat SD1.5 checkpoints (the UNet of ``models.image_conditioned``)."""
+    unet_dir = gsdiff_unet_subdir(bool(models_cfg.get("image_conditioned", False)))
+    patterns = [f"{GSRECON_TAG}/*", f"{GSVAE_TAG}/*", f"{unet_dir}/*"]
+    required = [f"{GSRECON_TAG}/checkpoints", f"{GSVAE_TAG}/checkpoints", f"{unet_dir}/config.json"]
     return resolve_snapshot(models_cfg.get("diffsplat", {}), patterns, DIFFSPLAT_REPO, required)
 
 
 def sd15_folder(models_cfg: dict) -> Path:
     patterns = [f"{s}/*" for s in SD15_SUBFOLDERS]
-    return resolve_snapshot(models_cfg.get("sd15", {}), patterns, SD15_REPO, ["unet/config.json", "scheduler/scheduler_config.json"])
+    required = ["unet/config.json", "scheduler/scheduler_config.json"]
+    if models_cfg.get("image_conditioned", False):
+        required.append(f"{SD15_VAE_SUBFOLDER}/config.json")
+    return resolve_snapshot(models_cfg.get("sd15", {}), patterns, SD15_REPO, required)
+
+
+def load_image_vae(folder: Path) -> AutoencoderKL:
+    """Strictly load SD1.5's RGB ``AutoencoderKL`` from a diffusers ``vae/`` folder (config.json + weights)."""
+    folder = Path(folder)
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise ModelSourceError(f"{config_path} is missing: image-to-3D encodes the condition image with SD1.5's VAE "
+                               f"(models.sd15 must include its {SD15_VAE_SUBFOLDER}/ folder)")
+    config = AutoencoderKL.extract_init_dict(json.loads(config_path.read_text()))[0]
+    vae = empty_model(lambda: AutoencoderKL(**config))
+    load_state_dict_strict(vae, _read_diffusers_weights(folder), str(folder), assign=True)
+    return vae.eval()
 
 
 def tiny_model_stack(seed: int = 0, image_conditioned: bool = False) -> ModelStack:
-    """The stack at tiny widths, identical for the same seed (CPU, float32)."""
+    """The stack at tiny widths, identical for the same seed (CPU, float32).
+
+    ``image_conditioned``: conv_in 11 and a seeded tiny RGB VAE (its own seed stream, drawn after the text stack's
+    modules, so GSRecon, GSVAE and the UNet's other weights are those of the text stack).
+    """
     gen_state = torch.random.get_rng_state()
     try:
         torch.manual_seed(seed)
         gsrecon = GSRecon(**TINY_GSRECON)
         gsvae = GSAutoencoderKL.from_rgb_autoencoders(sd15_vae(**TINY_VAE), taesd(**TINY_TAESD))
         unet4 = UNet2DConditionModel(**TINY_UNET)
-        unet = widen_conv_in(unet4, 11 if image_conditioned else 10, sample_size=32, image_conditioned=image_conditioned)
+        unet = widen_conv_in(unet4, mv_unet_in_channels(image_conditioned), sample_size=32,
+                             image_conditioned=image_conditioned)
+        image_vae = sd15_vae(**TINY_VAE).eval() if image_conditioned else None
     finally:
         torch.random.set_rng_state(gen_state)
-    return ModelStack("tiny", gsrecon.eval(), gsvae.eval(), unet.eval(), None)
+    return ModelStack("tiny", gsrecon.eval(), gsvae.eval(), unet.eval(), None, image_vae)
 
 
-def pretrained_model_stack(models_cfg: dict, with_unet: bool = True) -> ModelStack:
-    """The published DiffSplat SD1.5 stack, strictly loaded (text-conditioned UNet, conv_in 10); ``with_unet=False``
-    leaves ``unet`` None (the finetune and latents stages use only GSRecon and the GSVAE)."""
+def pretrained_model_stack(models_cfg: dict, with_unet: bool = True, with_image_vae: bool | None = None) -> ModelStack:
+    """The published DiffSplat SD1.5 stack, strictly loaded: the text-conditioned UNet (conv_in 10), or with
+    ``models.image_conditioned`` the image-conditioned one (conv_in 11) plus SD1.5's RGB VAE for the condition image.
+    ``with_unet=False`` leaves ``unet`` None (the finetune and latents stages use only GSRecon and the GSVAE), and
+    ``image_vae`` too unless ``with_image_vae`` (default: ``with_unet``)."""
+    image_conditioned = bool(models_cfg.get("image_conditioned", False))
     root = diffsplat_folder(models_cfg)
     sd15 = sd15_folder(models_cfg)
     gsrecon = empty_model(GSRecon)
     load_accelerate_checkpoint(gsrecon, root / GSRECON_TAG, assign=True)
     gsvae = empty_model(GSAutoencoderKL)
     load_accelerate_checkpoint(gsvae, root / GSVAE_TAG, assign=True)
-    unet = load_mv_unet(root / GSDIFF_UNET_SUBDIR) if with_unet else None
-    return ModelStack("pretrained", gsrecon.eval(), gsvae.eval(), unet, sd15)
+    unet = image_vae = None
+    if with_unet:
+        unet = load_mv_unet(root / gsdiff_unet_subdir(image_conditioned))
+        check_unet_conditioning(unet, image_conditioned, root / gsdiff_unet_subdir(image_conditioned))
+    if image_conditioned and (with_unet if with_image_vae is None else with_image_vae):
+        image_vae = load_image_vae(sd15 / SD15_VAE_SUBFOLDER)
+    return ModelStack("pretrained", gsrecon.eval(), gsvae.eval(), unet, sd15, image_vae)
+
+
+def check_unet_conditioning(unet: UNet2DConditionModel, image_conditioned: bool, source) -> None:
+    """A UNet whose conditioning (text vs image: conv_in 10 vs 11, ``view_concat_condition``) is not the one
+    ``models.image_conditioned`` asks for is an error naming the folder and the key."""
+    want = mv_unet_in_channels(image_conditioned)
+    have = unet.config.in_channels
+    flag = bool(getattr(unet.config, "view_concat_condition", False))
+    if have != want or flag != image_conditioned:
+        kind = lambda image: "image-conditioned (conv_in 11)" if image else "text-conditioned (conv_in 10)"
+        raise ModelSourceError(
+            f"{source}: the UNet is {kind(flag)} (conv_in {have}, view_concat_condition {flag}) but params.yaml "
+            f"models.image_conditioned: {str(image_conditioned).lower()} asks for a {kind(image_conditioned)} one; "
+            "set models.image_conditioned to match, or point at a UNet trained with it (dvc repro train)")
 
 
 def sd15_mv_unet(models_cfg: dict, image_conditioned: bool = False) -> UNet2DConditionModel:
     """SD1.5's UNet widened for GSDiff (to train GSDiff from SD1.5 rather than from DiffSplat's weights)."""
     unet4 = UNet2DConditionModel.from_pretrained(sd15_folder(models_cfg), subfolder="unet")
-    return widen_conv_in(unet4, 11 if image_conditioned else 10, 32, image_conditioned)
+    return widen_conv_in(unet4, mv_unet_in_channels(image_conditioned), 32, image_conditioned)
 
 
-def load_model_stack(models_cfg: dict, with_unet: bool = True) -> ModelStack:
+def load_model_stack(models_cfg: dict, with_unet: bool = True, with_image_vae: bool | None = None) -> ModelStack:
     """Build the stack params.yaml's ``models:`` section asks for.
 
     ``models.finetuned`` (e.g. ``models/finetune``, the finetune stage's output): its fine-tuned GSRecon and/or
@@ -165,7 +223,7 @@ def load_model_stack(models_cfg: dict, with_unet: bool = True) -> ModelStack:
     if source == "tiny":
         stack = tiny_model_stack(int(models_cfg.get("seed", 0)), bool(models_cfg.get("image_conditioned", False)))
     elif source == "pretrained":
-        stack = pretrained_model_stack(models_cfg, with_unet)
+        stack = pretrained_model_stack(models_cfg, with_unet, with_image_vae)
     else:
         raise ValueError(f"models.source must be 'tiny' or 'pretrained', got {source!r} (params.yaml)")
     if models_cfg.get("finetuned"):
@@ -204,9 +262,15 @@ def apply_finetuned(stack: ModelStack, folder: Path, models_cfg: dict) -> list[s
     return swapped
 
 
-def build_full_size_empty() -> dict:
-    """Full-size modules on the meta device (no memory): GSRecon, GSVAE and the conv_in-10 UNet."""
+def build_full_size_empty(image_conditioned: bool = False) -> dict:
+    """Full-size modules on the meta device (no memory): GSRecon, GSVAE and the conv_in-10 UNet (conv_in 11 and
+    SD1.5's RGB VAE with ``image_conditioned``)."""
     from accelerate import init_empty_weights
 
     with init_empty_weights():
-        return {"gsrecon": GSRecon(), "gsvae": GSAutoencoderKL(), "unet": build_mv_unet(mv_unet_config())}
+        out = {"gsrecon": GSRecon(), "gsvae": GSAutoencoderKL(),
+               "unet": build_mv_unet(mv_unet_config(in_channels=mv_unet_in_channels(image_conditioned),
+                                                    image_conditioned=image_conditioned))}
+        if image_conditioned:
+            out["image_vae"] = sd15_vae()
+        return out

@@ -197,7 +197,7 @@ def evaluated_bbox(objects) -> tuple[np.ndarray, int, int]:
 
 
 def normalise_scene(objects) -> dict:
-    """Scale the largest bbox extent to 1 and move the bbox centre to the origin (contract section 2)."""
+    """Scale the largest bbox extent to 1 and move the bbox centre to the origin (docs/dataset-contract.md §2)."""
     bbox, n_verts, n_faces = evaluated_bbox(objects)
     extent = float((bbox[1] - bbox[0]).max())
     if not math.isfinite(extent) or extent <= 1e-9:

@@ -26,6 +26,7 @@ import sys
 from pathlib import Path
 from urllib.parse import unquote
 
+from chibisplat.files import write_atomic
 from chibisplat.identity import sha256_file
 from chibisplat.render.errors import AssetError
 from chibisplat.render.formats import read_gltf_json
@@ -148,9 +149,7 @@ def blend_query(blend: Path, scratch: Path | None) -> dict:
     if answer is None:
         return {"paths": [], "libraries": [], "error": True}  # an unreadable .blend: the worker reports it
     if cache is not None:
-        part = cache.with_suffix(f".tmp{os.getpid()}")
-        part.write_text(json.dumps(answer, sort_keys=True))
-        os.replace(part, cache)
+        write_atomic(cache, json.dumps(answer, sort_keys=True))
     return answer
 
 

@@ -1,9 +1,11 @@
-"""The render stage: every asset in ``render.assets_dir`` -> ``render.out_dir/<uid>/`` (contract sections 1-4).
+"""The render stage: every asset in ``render.assets_dir`` -> ``render.out_dir/<uid>/`` (docs/dataset-contract.md §1-§4).
 
 Incremental by design: a character is re-rendered only when its ``(source_sha256, render_config_sha256)``
 differs from the one recorded in its ``meta.json``; ``source_sha256`` covers every external file the asset
 references (``references.py``). Renders of deleted assets are removed. Characters render in parallel worker
 processes (one process per character), failures are collected into a report and never stop the other characters.
+With ``cluster.render.executor: ray`` the stale characters are Ray tasks instead (``chibisplat/executors/render.py``):
+this process still decides what is stale and installs every returned character itself, into the same cache.
 
 Two records: ``render.report`` (data/reports/render.json, DVC-tracked) is a pure function of the inputs: the
 state of every character (ok / failed / skipped, warnings, clipped_fraction), no timings and nothing about what
@@ -32,6 +34,7 @@ from importlib import metadata
 from pathlib import Path
 
 from chibisplat import cameras
+from chibisplat.files import write_atomic
 from chibisplat.identity import ASSET_SUFFIXES, sha256_json, sha256_sources, uid_for
 from chibisplat.render.options import MISSING_TEXTURES_DEFAULT, validate_render_params, white_response
 from chibisplat.render.quality import MAX_CLIPPED_FRACTION
@@ -95,7 +98,7 @@ def discover_assets(assets_dir: Path) -> list[Path]:
 
 
 def source_files(path: Path, scratch: Path | None = None) -> list[Path]:
-    """Every file the import reads: the asset, then the external files it references (contract section 1)."""
+    """Every file the import reads: the asset, then the external files it references (docs/dataset-contract.md §1)."""
     return [path, *referenced_files(path, scratch)]
 
 
@@ -107,13 +110,15 @@ def _failure(asset_source: str, uid: str, reason: str, action: str) -> dict:
     return {"uid": uid, "source": asset_source, "status": "failed", "reason": reason, "action": action}
 
 
-def run_render_stage(params: dict, log=print) -> dict:
+def run_render_stage(params: dict, log=print, executor=None) -> dict:
     """Render every asset. Writes the report (``params['report']``, a pure function of the inputs) and returns what
     this run did (also written to ``<scratch>/last_run.json``): ``counts`` = {rendered, cached, failed, removed},
     ``characters`` (status rendered / cached / failed / skipped, warnings, clipped_fraction, seconds), ``removed``,
     and the written report under ``"report"``.
 
-    Every ``render:`` value is validated first (:class:`RenderParamsError`), before any file is touched."""
+    Every ``render:`` value is validated first (:class:`RenderParamsError`), before any file is touched.
+    ``executor``: where the stale characters render (:class:`chibisplat.executors.ExecutorConfig`, params.yaml
+    ``cluster.render``); None: worker processes on this machine. The run's ``"executor"`` says what it shipped."""
     validate_render_params(params)
     assets_dir = Path(params["assets_dir"])
     out_dir = Path(params["out_dir"])
@@ -123,10 +128,10 @@ def run_render_stage(params: dict, log=print) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     scratch.mkdir(parents=True, exist_ok=True)
     with _StageLock(scratch / "stage.lock"), _TerminateAsExit():
-        return _run(params, assets_dir, out_dir, scratch, log)
+        return _run(params, assets_dir, out_dir, scratch, log, executor)
 
 
-def _run(params: dict, assets_dir: Path, out_dir: Path, scratch: Path, log) -> dict:
+def _run(params: dict, assets_dir: Path, out_dir: Path, scratch: Path, log, executor=None) -> dict:
     for sub in ("tmp", "trash", "jobs"):
         shutil.rmtree(scratch / sub, ignore_errors=True)  # leftovers of a killed run
     (scratch / "jobs").mkdir(parents=True, exist_ok=True)
@@ -183,11 +188,25 @@ def _run(params: dict, assets_dir: Path, out_dir: Path, scratch: Path, log) -> d
         else:
             names = [os.path.relpath(p, asset.path.parent).replace(os.sep, "/") for p in external]
             todo.append((asset, source_sha, names))
+    on_ray = executor is not None and executor.is_ray
+    where = f"as Ray tasks of {executor.num_cpus:g} CPUs" if on_ray else f"with {params.get('workers', 1)} workers"
     log(
         f"render: {len(assets)} characters, {len(assets) - len(todo)} up to date, {len(todo)} to render "
-        f"with {params.get('workers', 1)} workers ({params['resolution']} px, {params['samples']} samples)"
+        f"{where} ({params['resolution']} px, {params['samples']} samples)"
     )
-    entries += _run_workers(todo, params, config, config_sha, out_dir, scratch, log)
+    stats = {"kind": "local", "shipped": []}
+    if on_ray:
+        from chibisplat.executors.render import render_on_ray
+
+        def make_job(asset, source_sha, external, threads):
+            return write_job(asset, source_sha, external, {**config, "threads": threads}, config_sha, out_dir,
+                             scratch, os.getpid())[1]
+
+        done, run_stats = render_on_ray(todo, executor, make_job, out_dir, scratch, log)
+        entries += done
+        stats = run_stats.as_dict()
+    else:
+        entries += _run_workers(todo, params, config, config_sha, out_dir, scratch, log)
 
     entries.sort(key=lambda e: (e["uid"], e["source"]))
     counts = {s: sum(e["status"] == s for e in entries) for s in ("rendered", "cached", "failed")}
@@ -209,6 +228,7 @@ def _run(params: dict, assets_dir: Path, out_dir: Path, scratch: Path, log) -> d
         "counts": {**counts, "removed": len(removed)},
         "removed": removed,
         "characters": entries,
+        "executor": stats,
     }
     _write_json(scratch / "last_run.json", run)
     for e in entries:
@@ -227,9 +247,7 @@ def _run(params: dict, assets_dir: Path, out_dir: Path, scratch: Path, log) -> d
 
 def _write_json(path: Path, obj) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(obj, indent=1, sort_keys=True) + "\n")
 
 
 def _quality(meta: dict) -> dict:
@@ -304,7 +322,7 @@ class _TerminateAsExit:
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
-def _die_with_parent(parent_pid: int):
+def die_with_parent(parent_pid: int):
     """``preexec_fn`` of a worker: the kernel sends it SIGKILL when the stage dies, however it dies (SIGKILL
     included). If the stage died before this ran, exit at once."""
 
@@ -367,7 +385,7 @@ def _run_workers(todo, params, config, config_sha, out_dir, scratch, log) -> lis
                 asset, source_sha, external = pending.pop(0)
                 job_path, job = write_job(asset, source_sha, external, {**config, "threads": threads}, config_sha,
                                           out_dir, scratch, os.getpid())
-                proc = subprocess.Popen(worker_command(job_path), env=env, preexec_fn=_die_with_parent(os.getpid()))
+                proc = subprocess.Popen(worker_command(job_path), env=env, preexec_fn=die_with_parent(os.getpid()))
                 running[proc] = (asset, job)
             time.sleep(0.05)
             for proc in [p for p in running if p.poll() is not None]:

@@ -16,7 +16,7 @@ import time
 import traceback
 from pathlib import Path
 
-from chibisplat.files import install_folder
+from chibisplat.files import install_folder, write_atomic
 
 
 def _redirect_blender_output(log_path: Path):
@@ -31,8 +31,8 @@ def _redirect_blender_output(log_path: Path):
 
 def run_job(job: dict, progress) -> dict:
     from chibisplat import png
+    from chibisplat.images import contact_sheet
     from chibisplat.render import blender
-    from chibisplat.render.contact_sheet import contact_sheet
     from chibisplat.render.errors import AssetError
     from chibisplat.render.quality import MAX_CLIPPED_FRACTION, clipped_fraction
 
@@ -97,9 +97,7 @@ def main() -> int:
         return 1
     progress = _redirect_blender_output(Path(job["log"]))
     result = run_job(job, progress)
-    tmp = Path(job["result"]).with_suffix(".tmp")
-    tmp.write_text(json.dumps(result))
-    os.replace(tmp, job["result"])
+    write_atomic(Path(job["result"]), json.dumps(result))
     return 0
 
 

@@ -1,4 +1,4 @@
-"""PLY files in the standard 3DGS layout (DiffSplat ``save_ply(compatible=True)``; reference §8).
+"""PLY files in the standard 3DGS layout (DiffSplat ``save_ply(compatible=True)``; docs/diffsplat-reference.md §8).
 
 Vertex properties, in order: ``x y z f_dc_0 f_dc_1 f_dc_2 opacity scale_0 scale_1 scale_2 rot_0..rot_3``
 (float32, pre-activation values as 3DGS viewers expect: logit opacity, log scale, SH-DC colour) and
@@ -24,16 +24,26 @@ SCALE_EPS = 1e-8  # DiffSplat: log(scale + 1e-8)
 
 
 def write_ply(path: Path, gaussians: Gaussians, opacity_threshold: float = 0.0) -> int:
-    """Write Gaussians with opacity > ``opacity_threshold``; returns how many were written."""
+    """Write Gaussians with opacity > ``opacity_threshold``; returns how many were written.
+
+    Byte-compatible with DiffSplat's ``save_ply(compatible=True)``: every value computed in float32 as it does
+    (logit ``log(o / (1 - o))`` of the opacity clamped to [1e-6, 1 - 1e-6], ``log(scale + 1e-8)``,
+    ``(rgb - 0.5) / SH_C0``), and the uint8 colours TRUNCATED: ``uint8(clip(rgb * 255, 0, 255))``.
+    """
     keep = gaussians.opacities.detach() > opacity_threshold
     g = gaussians.select(keep)
-    def np32(t):
-        return t.detach().cpu().double().numpy()
 
-    rgb = np32(g.colors)
-    opacity = np.clip(np32(g.opacities), LOGIT_EPS, 1.0 - LOGIT_EPS)
+    def f32(t: torch.Tensor) -> torch.Tensor:
+        return t.detach().to("cpu", torch.float32)
+
+    rgb = f32(g.colors)
+    opacity = f32(g.opacities).clamp(LOGIT_EPS, 1.0 - LOGIT_EPS)
+    logit = torch.log(opacity / (1.0 - opacity)).numpy()
+    scale = torch.log(f32(g.scales) + SCALE_EPS).numpy()
+    f_dc = (rgb - 0.5).numpy() / np.float32(SH_C0)
+    rgb8 = (rgb.numpy() * np.float32(255.0)).clip(0.0, 255.0).astype(np.uint8)  # truncation, as DiffSplat
+    xyz, rot = f32(g.means).numpy(), f32(g.quats).numpy()
     v = np.empty(len(g), dtype=VERTEX_DTYPE)
-    xyz, f_dc, scale, rot = np32(g.means), (rgb - 0.5) / SH_C0, np.log(np32(g.scales) + SCALE_EPS), np32(g.quats)
     for i, axis in enumerate("xyz"):
         v[axis] = xyz[:, i]
     for i in range(3):
@@ -41,8 +51,7 @@ def write_ply(path: Path, gaussians: Gaussians, opacity_threshold: float = 0.0) 
         v[f"scale_{i}"] = scale[:, i]
     for i in range(4):
         v[f"rot_{i}"] = rot[:, i]
-    v["opacity"] = np.log(opacity / (1.0 - opacity))
-    rgb8 = np.clip(np.round(rgb * 255.0), 0, 255).astype(np.uint8)
+    v["opacity"] = logit
     for i, f in enumerate(COLOR_FIELDS):
         v[f] = rgb8[:, i]
     header = ["ply", "format binary_little_endian 1.0", f"element vertex {len(g)}"]

@@ -2,7 +2,7 @@
 
 A splatter image holds one Gaussian per pixel, every channel in [-1, 1] (GSRecon's output range, the
 GSVAE's input/output range). :data:`SPLATTER_CHANNELS` is the one definition of the channel order.
-:func:`splatter_to_gaussians` applies DiffSplat's renderer mapping (``gs_renderer.py``; reference §2 table).
+:func:`splatter_to_gaussians` applies DiffSplat's renderer mapping (``gs_renderer.py``; docs/diffsplat-reference.md §2 table).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from chibisplat.geometry import unproject_depth
 SPLATTER_CHANNELS: tuple[tuple[str, int], ...] = (("rgb", 3), ("scale", 3), ("rotation", 4), ("opacity", 1), ("depth", 1))
 SPLATTER_NUM_CHANNELS = sum(c for _, c in SPLATTER_CHANNELS)  # 12
 
-# Inverted range: a normalised scale of 1 gives the smallest Gaussian (reference §11.3).
+# Inverted range: a normalised scale of 1 gives the smallest Gaussian (docs/diffsplat-reference.md §11.3).
 SCALE_MIN = 0.0005
 SCALE_MAX = 0.02
 
@@ -84,15 +84,16 @@ def splatter_to_gaussians(
         c2w: (V, 4, 4) input-view cameras (OpenGL world, OpenCV camera axes).
         fxfycxcy: (V, 4) normalised intrinsics of the input views.
         normalize_rotation: DiffSplat feeds decoded rotations to its rasterizer without re-normalising
-            (reference §3); GSRecon's own outputs are already unit length. Our rasterizers normalise
-            quaternions internally either way, so this only changes what is stored (e.g. in a PLY).
+            (docs/diffsplat-reference.md §3); GSRecon's own outputs are already unit length. The "diffsplat" image
+            formation builds the covariance from the raw quaternion (its length matters), "3dgs" normalises it
+            (docs/image-formation.md); this also changes what a PLY stores.
         opacity_threshold: opacities at or below it are set to 0 (DiffSplat ``opacity_threshold``).
 
     Returns:
         :class:`Gaussians` with N = V * H * W, in view-major, row-major pixel order.
     """
     a = from_splatter_image(splatter)
-    # Depth is stored relative to the camera distance: z = d + ||camera origin|| (reference §2).
+    # Depth is stored relative to the camera distance: z = d + ||camera origin|| (docs/diffsplat-reference.md §2).
     z = a["depth"][:, 0] + c2w[:, :3, 3].norm(dim=-1)[:, None, None]  # (V, H, W)
     means = unproject_depth(z, c2w, fxfycxcy)  # (V, 3, H, W)
     s = a["scale"] * 0.5 + 0.5

@@ -1,4 +1,4 @@
-"""Evaluation on the val split (DiffSplat reference §8 "Metrics", "Previews").
+"""Evaluation on the val split (docs/diffsplat-reference.md §8 "Metrics", "Previews").
 
 * GSRecon reconstruction: for each val character and view set, the 4 even input views -> GSRecon Gaussians ->
   renders of 4 held-out slots, compared with the ground truth: PSNR, SSIM (skimage's defaults: 7x7 uniform
@@ -10,6 +10,11 @@
   below) plus a reconstruction sheet (ground truth above GSRecon's renders), and the text-image CLIP score of
   both (:mod:`chibisplat.training.clip_score`; null with a note when no CLIP model is configured), so
   ``dvc exp show`` ranks experiments by ``clip_score``.
+* Image-to-3D (``models.image_conditioned: true``; docs/image-to-3d.md): the previews are conditioned on each val
+  character's front view (input view 0 of view set ``evaluate.view_sets[0]``: set 0 starts at slot 0, azimuth 0)
+  and generated at that set's own 4 cameras with ``evaluate.image_guidance``, so they can be compared with the
+  character's true views: ``image_cond_psnr`` (fine-tuned) and ``image_cond_psnr_base`` in the metrics; the sheet
+  shows the ground truth row above the generated ones.
 
 Everything runs on ``evaluate.device`` (``auto``: CUDA when present); batches move with
 :func:`chibisplat.device.to_device` only.
@@ -26,11 +31,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from chibisplat.config_schema import DEFAULT_IMAGE_FORMATION
 from chibisplat.dataset import schema
 from chibisplat.dataset.loader import ViewConfig, object_views
 from chibisplat.dataset.pack import packed_files
 from chibisplat.device import module_device, resolve_device, to_device
-from chibisplat.render.contact_sheet import contact_sheet
+from chibisplat.images import contact_sheet
 from chibisplat.training.config import check_keys, resolved_section
 from chibisplat.training.inference import (
     inference_cameras, latents_to_gaussians, load_trained_unet, render_rgb,
@@ -38,7 +44,13 @@ from chibisplat.training.inference import (
 from chibisplat.training.latents import (
     EVEN_VIEW_SETS, _rows, gsrecon_splatter, load_latent_set, one_object, supervision_views,
 )
-from chibisplat.training.objective import diffusion_step_inputs, noise_scheduler, sample_batch, sample_latents, step_generator
+from chibisplat.training.image_condition import (
+    condition_latents, condition_moments, object_condition_slots, packed_condition_images, prediction_type_for,
+    vae_scaling,
+)
+from chibisplat.training.objective import (
+    diffusion_step_inputs, noise_scheduler, sample_batch, sample_latents, step_generator, unet_prediction,
+)
 from chibisplat.splats.splatter import splatter_to_gaussians
 
 
@@ -55,12 +67,14 @@ class EvaluateParams:
     lpips_weights: str | None = None
     steps: int = 20
     guidance: float = 7.5
+    image_guidance: float = 2.0  # the image model's CFG scale (models.image_conditioned; DiffSplat recommends 2)
     sampler: str = "sde-dpmsolver++"
     seed: int = 0
     elevation: float = 10.0
     distance: float = 1.4
-    opacity_threshold: float = 0.01
+    opacity_threshold: float = 0.0  # DiffSplat: 0
     rasterizer: str = "auto"
+    image_formation: str = DEFAULT_IMAGE_FORMATION  # diffsplat | 3dgs (chibisplat/splats/rasterize.py)
     device: str = "auto"  # auto: CUDA when present, else the CPU
     val_batches: int = 8  # micro-batches (1 object each) of the val diffusion loss
     clip: dict | None = None  # {repo, revision, path} of CLIP ViT-L/14 for the CLIP score (chibisplat/training/clip_score.py)
@@ -125,7 +139,8 @@ def reconstruction_metrics(stack, params: EvaluateParams, resolution: int, lpips
                 splatter = gsrecon_splatter(stack.gsrecon, one_object(v))[0].float()  # on GSRecon's device
                 c2w, intr = to_device((v["C2W"], v["fxfycxcy"]), splatter.device)
                 g = splatter_to_gaussians(splatter, c2w[:4], intr[:4])
-                pred = render_rgb(g, c2w[4:], intr[4:], res, params.rasterizer, params.opacity_threshold)
+                pred = render_rgb(g, c2w[4:], intr[4:], res, params.rasterizer, params.opacity_threshold,
+                                  params.image_formation)
                 pred_t = torch.from_numpy(np.stack(pred)).permute(0, 3, 1, 2).float() / 255.0
                 gt = v["image"][4:]
                 if gt.shape[-1] != res:
@@ -146,20 +161,32 @@ def reconstruction_metrics(stack, params: EvaluateParams, resolution: int, lpips
     return {k: mean(v) for k, v in scores.items()} | {"num_views": len(scores["psnr"])}, sheets
 
 
+def val_conditions(stack, params: EvaluateParams, resolution: int, log=print) -> torch.Tensor | None:
+    """The image model's condition moments of every val object (input view 0 through SD1.5's VAE); None for text."""
+    if stack.image_vae is None:
+        return None
+    slots = object_condition_slots(Path(params.latents_dir), "val")
+    images = packed_condition_images(Path(params.packed_dir), "val", slots, resolution, log)
+    return condition_moments(stack.image_vae, images)
+
+
 @torch.no_grad()
-def val_diffusion_loss(unet, stack, params: EvaluateParams, scheduler, num_batches: int | None = None) -> float:
-    """Mean epsilon-MSE of the UNet on val latents with fixed draws (no CFG drop), on the UNet's device."""
+def val_diffusion_loss(unet, stack, params: EvaluateParams, scheduler, num_batches: int | None = None,
+                       condition: torch.Tensor | None = None) -> float:
+    """Mean MSE (of the scheduler's prediction type) of the UNet on val latents with fixed draws (no CFG drop), on the
+    UNet's device; ``condition``: the val objects' condition moments (image model)."""
     data = load_latent_set(Path(params.latents_dir), "val", Path(params.embeddings))
     num_batches = num_batches or params.val_batches
     device = module_device(unet)
+    scaling = None if condition is None else vae_scaling(stack.image_vae)
     total = 0.0
     for i in range(num_batches):
         g = step_generator(params.seed, i, 0, 0)
-        batch = sample_batch(data, 1, g)
-        inputs = diffusion_step_inputs(batch, scheduler, stack.gsvae.scale_latents, data.null_embed, 0.0, data.resolution, g)
+        batch = sample_batch(data, 1, g, condition)
+        inputs = diffusion_step_inputs(batch, scheduler, stack.gsvae.scale_latents, data.null_embed, 0.0,
+                                       data.resolution, g, scaling)
         inputs = to_device(inputs, device)  # the one host -> device move (draws made on the CPU, as in train)
-        pred = unet(inputs["unet_input"], inputs["timesteps"], inputs["encoder_hidden_states"],
-                    cross_attention_kwargs={"num_views": 4}).sample
+        pred = unet_prediction(unet, inputs)
         total += F.mse_loss(pred.float(), inputs["target"].float()).item()
     return total / num_batches
 
@@ -169,34 +196,58 @@ GENERATORS = ("base", "finetuned")  # rows of the side-by-side sheet: the base U
 
 @torch.no_grad()
 def generation_previews(unets: dict, stack, params: EvaluateParams, scheduler, resolution: int, clip=None,
-                        log=print) -> tuple[dict[str, np.ndarray], dict[str, list[float]]]:
+                        log=print, condition: torch.Tensor | None = None,
+                        ) -> tuple[dict[str, np.ndarray], dict[str, list[float]], dict[str, list[float]]]:
     """Each val caption through every UNet of ``unets`` (``{"base": ..., "finetuned": ...}``) with the same seed.
 
     Returns one sheet per character (a row of 4 views per UNet) and, with a :class:`ClipScorer`, the CLIP score
-    of each character's views per UNet (``{name: [score per character]}``; empty lists without one).
+    of each character's views per UNet (``{name: [score per character]}``; empty lists without one), and the PSNR
+    of the image model's views against the character's true views (``{name: [...]}``, empty for text).
+
+    ``condition`` (the val objects' condition moments, image model): each character is generated from its front
+    view (the object of view set ``view_sets[0]``) at that object's 4 cameras (module docstring).
     """
     data = load_latent_set(Path(params.latents_dir), "val", Path(params.embeddings))
     c2w, intr = inference_cameras(params.elevation, params.distance)
     sheets, scores = {}, {name: [] for name in unets}
+    psnrs = {name: [] for name in unets}
     seen = {}
+    front_slot = EVEN_VIEW_SETS[params.view_sets[0]][0]
+    slots = object_condition_slots(Path(params.latents_dir), "val") if condition is not None else []
     for i, uid in enumerate(data.uids):
-        seen.setdefault(uid, i)
+        if uid not in seen or (slots and slots[i][1] == front_slot and slots[seen[uid]][1] != front_slot):
+            seen[uid] = i
+    res = params.render_resolution
     for uid, i in seen.items():
         views, labels = [], []
+        cond, guidance, cams, gt = None, params.guidance, (c2w, intr), None
+        if condition is not None:
+            cond = condition_latents(condition[i:i + 1], vae_scaling(stack.image_vae))
+            guidance, cams = params.image_guidance, (data.C2W[i, :4], data.fxfycxcy[i, :4])
+            gt = data.target_rgba[i, :4, :3].float() / 255.0
+            gt = F.interpolate(gt, size=(res, res), mode="bilinear", align_corners=False, antialias=True)
+            gt = (gt.clamp(0, 1) * 255).round() / 255.0
+            views += [(v.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8) for v in gt]
+            labels += ["input (gt 0)"] + [f"gt {k}" for k in range(1, 4)]
         for name, unet in unets.items():
             latents = sample_latents(unet, stack, dict(scheduler.config), data.prompt_embeds[i:i + 1], data.null_embed,
-                                     c2w, intr, resolution, params.steps, params.guidance, params.seed,
-                                     params.sampler)[0]
-            g = latents_to_gaussians(stack.gsvae, latents, c2w, intr)
-            rendered = render_rgb(g, c2w, intr, params.render_resolution, params.rasterizer, params.opacity_threshold)
+                                     cams[0], cams[1], resolution, params.steps, guidance, params.seed,
+                                     params.sampler, cond)[0]
+            g = latents_to_gaussians(stack.gsvae, latents, *cams)
+            rendered = render_rgb(g, *cams, res, params.rasterizer, params.opacity_threshold, params.image_formation)
             if clip is not None:
                 scores[name].append(clip.score(rendered, data.captions[i]))
+            if gt is not None:
+                psnrs[name].append(psnr(torch.from_numpy(np.stack(rendered)).permute(0, 3, 1, 2).float() / 255.0, gt))
             views += rendered
-            labels += [f"{name} az {a}" for a in (0, 90, 180, 270)]
-        sheets[uid] = contact_sheet(views, labels, columns=4, cell=params.render_resolution)
-        clip_text = ", ".join(f"{n} CLIP {s[-1]:.2f}" for n, s in scores.items() if s)
-        log(f"evaluate: generation preview {uid}: {data.captions[i]!r}" + (f" ({clip_text})" if clip_text else ""))
-    return sheets, scores
+            labels += [f"{name} view {k}" if cond is not None else f"{name} az {a}"
+                       for k, a in enumerate((0, 90, 180, 270))]
+        sheets[uid] = contact_sheet(views, labels, columns=4, cell=res)
+        extra = [f"{n} CLIP {s[-1]:.2f}" for n, s in scores.items() if s]
+        extra += [f"{n} PSNR {s[-1]:.2f} dB" for n, s in psnrs.items() if s]
+        what = f"front view slot {slots[i][1]} + {data.captions[i]!r}" if cond is not None else repr(data.captions[i])
+        log(f"evaluate: generation preview {uid}: {what}" + (f" ({', '.join(extra)})" if extra else ""))
+    return sheets, scores, psnrs
 
 
 def load_clip(spec: dict | None, device) -> tuple[object | None, str | None]:
@@ -217,11 +268,16 @@ def evaluate(params: EvaluateParams, models_cfg: dict, resolution: int, log=prin
     from chibisplat.models.sources import load_model_stack
 
     device = resolve_device(params.device, "params.yaml evaluate.device")
+    from chibisplat.models.sources import check_unet_conditioning
+
     stack = load_model_stack(models_cfg)
-    for module in to_device((stack.gsrecon, stack.gsvae, stack.unet), device):
-        module.eval()
+    for module in to_device((stack.gsrecon, stack.gsvae, stack.unet, stack.image_vae), device):
+        if module is not None:
+            module.eval()
+    image_conditioned = bool(models_cfg.get("image_conditioned", False))
     unet = load_trained_unet(params.unet, device)
-    scheduler = noise_scheduler(stack)
+    check_unet_conditioning(unet, image_conditioned, params.unet)
+    scheduler = noise_scheduler(stack, prediction_type_for(image_conditioned))
     notes = []
     lpips = None
     if params.lpips_weights:
@@ -234,9 +290,10 @@ def evaluate(params: EvaluateParams, models_cfg: dict, resolution: int, log=prin
     if clip_note:
         notes.append(clip_note)
     recon, recon_sheets = reconstruction_metrics(stack, params, resolution, lpips, log)
-    val_loss = val_diffusion_loss(unet, stack, params, scheduler)
-    gen_sheets, clip_scores = generation_previews(dict(zip(GENERATORS, (stack.unet, unet))), stack, params, scheduler,
-                                                  resolution, clip, log)
+    condition = val_conditions(stack, params, resolution, log)
+    val_loss = val_diffusion_loss(unet, stack, params, scheduler, condition=condition)
+    gen_sheets, clip_scores, cond_psnr = generation_previews(dict(zip(GENERATORS, (stack.unet, unet))), stack, params,
+                                                             scheduler, resolution, clip, log, condition)
     mean = lambda xs: float(np.mean(xs)) if xs else None
     previews = Path(params.previews_dir)
     if previews.exists():
@@ -252,6 +309,8 @@ def evaluate(params: EvaluateParams, models_cfg: dict, resolution: int, log=prin
         "recon_views": recon["num_views"], "val_diffusion_loss": val_loss,
         "clip_score": mean(clip_scores["finetuned"]), "clip_score_base": mean(clip_scores["base"]),
         "clip_model": clip.identity if clip is not None else None,
+        **({"image_cond_psnr": mean(cond_psnr["finetuned"]), "image_cond_psnr_base": mean(cond_psnr["base"])}
+           if image_conditioned else {}),
         "val_characters": len(gen_sheets), "previews": len(recon_sheets) + len(gen_sheets), "notes": notes,
     }
     Path(params.metrics).parent.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,4 @@
-"""Optional GSRecon / GSVAE fine-tuning on the packed chibi views (DiffSplat's stages 1 and 2, reference §2-§3).
+"""Optional GSRecon / GSVAE fine-tuning on the packed chibi views (DiffSplat stages 1-2; docs/diffsplat-reference.md §2-§3).
 
 GSDiff trains on cached latents, so GSRecon and GSVAE are frozen while the UNet trains. When the published
 reconstructor or autoencoder should adapt to the chibi domain first, this module fine-tunes them **in image
@@ -31,13 +31,15 @@ import json
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
 
+from chibisplat.config import FinetuneParams, ModelsParams, plain
+from chibisplat.config_schema import DEFAULT_IMAGE_FORMATION
 from chibisplat.dataset import schema
 from chibisplat.dataset.loader import PackedViewsDataset, ViewConfig
 from chibisplat.dataset.pack import packed_files
@@ -45,64 +47,14 @@ from chibisplat.device import to_device
 from chibisplat.files import install_folder
 from chibisplat.identity import sha256_json
 from chibisplat.models.sources import finetune_base
-from chibisplat.training.config import NonFiniteLoss, check_keys, resolved_section
-from chibisplat.training.precision import check_mixed_precision
-from chibisplat.training.latents import NUM_INPUT_VIEWS, gsrecon_splatter
+from chibisplat.protocol import NUM_INPUT_VIEWS
+from chibisplat.training.errors import NonFiniteLoss
+from chibisplat.training.latents import gsrecon_splatter
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
 # Settings that do not change the result (excluded from the fingerprint).
 COSMETIC = ("out_dir", "metrics_dir", "log_every", "packed_dir")
-
-
-@dataclass(frozen=True)
-class FinetuneParams:
-    gsrecon: bool = False
-    gsvae: bool = False
-    packed_dir: str = "data/packed"
-    out_dir: str = "models/finetune"
-    metrics_dir: str = "metrics/finetune"
-    seed: int = 0
-    resolution: int = 256  # GSRecon input / splatter image size (use latents.resolution)
-    render_resolution: int = 256  # rendering-loss resolution (DiffSplat: 256)
-    batch_size: int = 1  # objects per step
-    gsrecon_steps: int = 1000
-    gsrecon_lr: float = 4.0e-5
-    gsvae_steps: int = 1000
-    gsvae_lr: float = 4.0e-5
-    gsvae_tiny_decoder_steps: int = 0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.95
-    adam_weight_decay: float = 0.05
-    lr_scheduler: str = "cosine"
-    lr_warmup_steps: int = 0
-    max_grad_norm: float = 1.0
-    mixed_precision: str = "no"
-    gradient_checkpointing: bool = False
-    latent_weight: float = 1.0  # GSVAE: MSE(splatter, decoded)
-    render_weight: float = 1.0
-    lpips_weight: float = 1.0
-    lpips_weights: str | None = None  # local LPIPS-VGG16 weights; null: LPIPS term 0 (logged)
-    rasterizer: str = "auto"
-    log_every: int = 10
-
-    @staticmethod
-    def from_params(params: dict) -> "FinetuneParams":
-        d = resolved_section(params, "finetune")
-        check_keys("finetune", d, set(FinetuneParams.__dataclass_fields__))
-        p = FinetuneParams(**d)
-        check_mixed_precision("finetune.mixed_precision", p.mixed_precision)
-        if p.resolution % 8 or p.resolution < 16:
-            raise ValueError(f"params.yaml finetune.resolution must be a multiple of 8 (GSRecon patch and VAE x8), "
-                             f"got {p.resolution}")
-        if p.batch_size < 1 or min(p.gsrecon_steps, p.gsvae_steps, p.gsvae_tiny_decoder_steps) < 0:
-            raise ValueError("params.yaml finetune: batch_size must be >= 1 and the *_steps >= 0")
-        return p
-
-    @property
-    def enabled(self) -> bool:
-        return (self.gsrecon and self.gsrecon_steps > 0) or (
-            self.gsvae and (self.gsvae_steps > 0 or self.gsvae_tiny_decoder_steps > 0))
 
 
 @dataclass
@@ -121,12 +73,12 @@ def train_split_identity(packed_dir: Path) -> list[list[str]]:
     return sorted(out)
 
 
-def fingerprint(params: FinetuneParams, models_cfg: dict, data: list[list[str]]) -> str:
+def fingerprint(params: FinetuneParams, models: ModelsParams, data: list[list[str]]) -> str:
     """Identity of a fine-tune: settings, base models and ``data`` (:func:`train_split_identity`)."""
     if not params.enabled:
         return sha256_json({"format": FORMAT_VERSION, "enabled": False})
-    settings = {k: v for k, v in asdict(params).items() if k not in COSMETIC}
-    return sha256_json({"format": FORMAT_VERSION, "settings": settings, "base": finetune_base(models_cfg),
+    settings = {k: v for k, v in plain(params).items() if k not in COSMETIC}
+    return sha256_json({"format": FORMAT_VERSION, "settings": settings, "base": finetune_base(plain(models)),
                         "data": data})
 
 
@@ -155,7 +107,8 @@ def object_batches(params: FinetuneParams):
             batch = []
 
 
-def render_loss(splatter: torch.Tensor, batch: dict, res: int, lpips, lpips_weight: float, backend: str) -> dict:
+def render_loss(splatter: torch.Tensor, batch: dict, res: int, lpips, lpips_weight: float, backend: str,
+                image_formation: str = DEFAULT_IMAGE_FORMATION) -> dict:
     """Render B objects' splatter images into their 8 views at ``res``; the shared rendering loss against the loader's
     views (resized to ``res``), plus the PSNR of the image term for the logs."""
     from chibisplat.training.objective import splatter_render_loss
@@ -167,14 +120,15 @@ def render_loss(splatter: torch.Tensor, batch: dict, res: int, lpips, lpips_weig
                                          antialias=True).unflatten(0, (b, v))
         gt_rgb, gt_mask = resize(gt_rgb), resize(gt_mask)
     out = splatter_render_loss(splatter, batch["C2W"], batch["fxfycxcy"], gt_rgb, gt_mask, lpips, lpips_weight,
-                               backend)
+                               backend, image_formation)
     out["psnr"] = -10.0 * torch.log10(out["render_image_mse"].detach().clamp_min(1e-10))
     return out
 
 
 def gsrecon_step_loss(stack, batch, params: FinetuneParams, lpips) -> dict:
     splatter = gsrecon_splatter(stack.gsrecon, batch)
-    out = render_loss(splatter, batch, params.render_resolution, lpips, params.lpips_weight, params.rasterizer)
+    out = render_loss(splatter, batch, params.render_resolution, lpips, params.lpips_weight, params.rasterizer,
+                      params.image_formation)
     out["loss"] = out["render_loss"]
     return out
 
@@ -193,7 +147,7 @@ def gsvae_step_loss(stack, batch, params: FinetuneParams, lpips, tiny: bool) -> 
     decoded = stack.gsvae.decode(latents, use_tiny_decoder=tiny)
     latent_mse = F.mse_loss(decoded.float(), flat.float())
     out = render_loss(decoded.unflatten(0, (b, NUM_INPUT_VIEWS)), batch, params.render_resolution, lpips,
-                      params.lpips_weight, params.rasterizer)
+                      params.lpips_weight, params.rasterizer, params.image_formation)
     out["latent_mse"] = latent_mse
     out["kl"] = kl.detach()  # logged, not optimised (DiffSplat)
     out["loss"] = params.latent_weight * latent_mse + params.render_weight * out["render_loss"]
@@ -248,7 +202,7 @@ def _fit(phase: str, module, trainable, loss_fn, steps: int, lr: float, params: 
     return losses
 
 
-def finetune(params: FinetuneParams, models_cfg: dict, log=print) -> FinetuneResult:
+def finetune(params: FinetuneParams, models: ModelsParams, log=print) -> FinetuneResult:
     """Fine-tune what ``params`` enables and write ``params.out_dir`` (see the module docstring)."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ValueError("finetune runs in one process (GSRecon/GSVAE fine-tuning on a few hundred characters fits one "
@@ -256,13 +210,13 @@ def finetune(params: FinetuneParams, models_cfg: dict, log=print) -> FinetuneRes
                          "launch / torchrun; the train stage is the multi-GPU one")
     out_dir, metrics_dir = Path(params.out_dir), Path(params.metrics_dir)
     data = train_split_identity(Path(params.packed_dir)) if params.enabled else []
-    fp = fingerprint(params, models_cfg, data)
+    fp = fingerprint(params, models, data)
     old = read_manifest(out_dir)
     if old is not None and old.get("fingerprint") == fp and _complete(out_dir, old):
         log(f"finetune: {out_dir} is up to date (same settings, base models and train renders); nothing to do")
         return FinetuneResult(skipped=True, out_dir=out_dir)
 
-    manifest = {"format": FORMAT_VERSION, "fingerprint": fp, "base": finetune_base(models_cfg),
+    manifest = {"format": FORMAT_VERSION, "fingerprint": fp, "base": finetune_base(plain(models)),
                 "gsrecon": None, "gsvae": None, "steps": {}, "final_loss": {}}
     result = FinetuneResult(skipped=False, out_dir=out_dir)
     # Models and metrics are written into temporary folders and swapped in together at the end: a failed or killed
@@ -274,7 +228,7 @@ def finetune(params: FinetuneParams, models_cfg: dict, log=print) -> FinetuneRes
         folder.mkdir(parents=True)
     try:
         if params.enabled:
-            _run_phases(params, models_cfg, len(data), tmp, manifest, result, tmp_metrics, log)
+            _run_phases(params, models, len(data), tmp, manifest, result, tmp_metrics, log)
         else:
             log("finetune: finetune.gsrecon and finetune.gsvae are off: GSRecon and GSVAE stay as published (tiny: as "
                 "built); writing a manifest that says so")
@@ -293,7 +247,7 @@ def _complete(out_dir: Path, manifest: dict) -> bool:
                for m in ("gsrecon", "gsvae"))
 
 
-def _run_phases(params: FinetuneParams, models_cfg: dict, n_train: int, tmp: Path, manifest: dict,
+def _run_phases(params: FinetuneParams, models: ModelsParams, n_train: int, tmp: Path, manifest: dict,
                 result: FinetuneResult, metrics_dir: Path, log) -> None:
     from accelerate import Accelerator
     from dvclive import Live
@@ -303,7 +257,7 @@ def _run_phases(params: FinetuneParams, models_cfg: dict, n_train: int, tmp: Pat
     accelerator = Accelerator(mixed_precision=params.mixed_precision)
     device = accelerator.device
     torch.manual_seed(params.seed)
-    stack = load_model_stack({**models_cfg, "finetuned": None}, with_unet=False)  # base weights, never a previous fine-tune
+    stack = load_model_stack(plain(models) | {"finetuned": None}, with_unet=False)  # base weights, never a previous fine-tune  TRANSITION
     for module in to_device((stack.gsrecon, stack.gsvae), device):
         module.requires_grad_(False).eval()
     lpips = None

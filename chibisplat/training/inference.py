@@ -1,8 +1,11 @@
-"""Text -> 3D Gaussian Splat with a trained GSDiff UNet (DiffSplat reference §4 "Inference", §8).
+"""Text (or image) -> 3D Gaussian Splat with a trained GSDiff UNet (docs/diffsplat-reference.md §4 "Inference", §8;
+image-to-3D: docs/image-to-3d.md).
 
 Text embedding -> CFG-guided multi-view denoising of 4 latents (cameras at azimuth 0/90/180/270, elevation 10,
 distance 1.4) -> full GSVAE decoder -> splatter images -> Gaussians -> the 4 views, a standard 3DGS ``.ply`` and
-a turntable GIF rendered around the object.
+a turntable GIF rendered around the object. With the image model a front view conditions the denoising (the
+condition camera is view 0: azimuth 0 at ``image_elevation``), with ``image_guidance`` and the prompt ``""`` unless
+one is given; ``views.png`` then shows the prepared input image before the 4 generated views.
 """
 
 from __future__ import annotations
@@ -13,10 +16,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from chibisplat.config_schema import DEFAULT_IMAGE_FORMATION
 from chibisplat.device import module_device, resolve_device, to_device
 from chibisplat.geometry import normalised_intrinsics, opengl_to_opencv_camera, orbit_camera, pixel_K
-from chibisplat.models.gsdiff import load_mv_unet
-from chibisplat.render.contact_sheet import contact_sheet
+from chibisplat.images import contact_sheet
+from chibisplat.models.gsdiff import is_image_conditioned, load_mv_unet
 from chibisplat.splats.ply import write_ply
 from chibisplat.splats.rasterize import rasterize
 from chibisplat.splats.splatter import Gaussians, splatter_to_gaussians
@@ -39,9 +43,16 @@ class GenerateParams:
     render_resolution: int = 256
     turntable_frames: int = 36
     turntable_fps: int = 12
-    opacity_threshold: float = 0.01  # Gaussians at or below are dropped from renders and the PLY
+    opacity_threshold: float = 0.0  # Gaussians at or below are dropped from renders and the PLY (DiffSplat: 0)
     rasterizer: str = "auto"
+    image_formation: str = DEFAULT_IMAGE_FORMATION  # diffsplat | 3dgs (chibisplat/splats/rasterize.py)
     device: str = "auto"  # auto: CUDA when present, else the CPU (chibisplat/device.py)
+    # image-to-3D (models.image_conditioned; docs/image-to-3d.md)
+    image: str | None = None  # a front view on any background; None: text only
+    image_guidance: float = 2.0  # DiffSplat: 7.5 is for text; keep <= 3 for images, 2.0 recommended
+    image_elevation: float = 20.0  # elevation of the input view (DiffSplat README example; our ring-A renders)
+    border_ratio: float = 0.2  # margin around the cut-out character (DiffSplat's rembg_and_center)
+    matte_tolerance: float = 0.1  # border-colour matte of images without alpha (chibisplat/training/image_condition.py)
 
     @staticmethod
     def from_params(params: dict, **overrides) -> "GenerateParams":
@@ -81,7 +92,8 @@ def latents_to_gaussians(gsvae, latents: torch.Tensor, C2W: torch.Tensor, fxfycx
 
 @torch.no_grad()
 def render_rgb(gaussians: Gaussians, C2W: torch.Tensor, fxfycxcy: torch.Tensor, resolution: int,
-               backend: str = "auto", opacity_threshold: float = 0.0) -> list[np.ndarray]:
+               backend: str = "auto", opacity_threshold: float = 0.0,
+               image_formation: str = DEFAULT_IMAGE_FORMATION) -> list[np.ndarray]:
     """Render the Gaussians into each camera (on the Gaussians' device): RGB uint8 (R, R, 3) images on white."""
     C2W, fxfycxcy = to_device((C2W, fxfycxcy), gaussians.means.device)
     if opacity_threshold > 0:
@@ -89,39 +101,67 @@ def render_rgb(gaussians: Gaussians, C2W: torch.Tensor, fxfycxcy: torch.Tensor, 
     out = []
     for v in range(C2W.shape[0]):
         K = pixel_K(fxfycxcy[v].float(), resolution, resolution)
-        img = rasterize(gaussians, C2W[v].float(), K, resolution, resolution, backend=backend)["image"]
+        img = rasterize(gaussians, C2W[v].float(), K, resolution, resolution, backend=backend,
+                        image_formation=image_formation)["image"]
         out.append((img.clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255.0).round().astype(np.uint8))
     return out
 
 
 def turntable(gaussians: Gaussians, frames: int, elevation: float, distance: float, resolution: int,
-              backend: str = "auto", opacity_threshold: float = 0.0) -> list[np.ndarray]:
+              backend: str = "auto", opacity_threshold: float = 0.0,
+              image_formation: str = DEFAULT_IMAGE_FORMATION) -> list[np.ndarray]:
     """``frames`` views around the object (azimuth 0..360, fixed elevation and distance)."""
     c2w, intr = inference_cameras(elevation, distance, tuple(360.0 * i / frames for i in range(frames)))
-    return render_rgb(gaussians, c2w, intr, resolution, backend, opacity_threshold)
+    return render_rgb(gaussians, c2w, intr, resolution, backend, opacity_threshold, image_formation)
 
 
 def generate(prompt_embed: torch.Tensor, null_embed: torch.Tensor, unet, stack, scheduler_config: dict,
-             resolution: int, params: GenerateParams, out_dir: Path, log=print) -> dict[str, Path]:
-    """One prompt -> ``views.png`` (4 views), ``splat.ply``, ``turntable.gif`` in ``out_dir``."""
+             resolution: int, params: GenerateParams, out_dir: Path, log=print,
+             condition_image: torch.Tensor | None = None) -> dict[str, Path]:
+    """One prompt -> ``views.png`` (4 views), ``splat.ply``, ``turntable.gif`` in ``out_dir``.
+
+    ``condition_image`` (3, R, R) in [0, 1] on white (:func:`chibisplat.training.image_condition.load_condition_image`):
+    image-to-3D with the image model (``stack.image_vae`` encodes it; posterior mode as DiffSplat's inference);
+    then the elevation is ``params.image_elevation`` and the guidance ``params.image_guidance``.
+    """
     import imageio.v2 as imageio
 
+    from chibisplat.training.image_condition import condition_latents, condition_moments, vae_scaling
     from chibisplat.training.objective import sample_latents
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    c2w, intr = inference_cameras(params.elevation, params.distance)
+    condition, guidance, elevation = None, params.guidance, params.elevation
+    if condition_image is not None:
+        if stack.image_vae is None:
+            raise ValueError("an input image needs the image model: set models.image_conditioned: true (and train "
+                             "with it) or generate from text without --image")
+        moments = condition_moments(stack.image_vae, condition_image[None])
+        condition = condition_latents(moments, vae_scaling(stack.image_vae))
+        guidance, elevation = params.image_guidance, params.image_elevation
+    elif is_image_conditioned(unet):  # the image model without an image: the zero latent of its CFG branch (DiffSplat)
+        condition = torch.zeros(1, 4, resolution // 8, resolution // 8)
+    c2w, intr = inference_cameras(elevation, params.distance)
     latents = sample_latents(unet, stack, scheduler_config, prompt_embed[None], null_embed, c2w, intr, resolution,
-                             params.steps, params.guidance, params.seed, params.sampler)[0]
+                             params.steps, guidance, params.seed, params.sampler, condition)[0]
     gaussians = latents_to_gaussians(stack.gsvae, latents, c2w, intr)
-    views = render_rgb(gaussians, c2w, intr, params.render_resolution, params.rasterizer, params.opacity_threshold)
+    views = render_rgb(gaussians, c2w, intr, params.render_resolution, params.rasterizer, params.opacity_threshold,
+                       params.image_formation)
     paths = {"views": out_dir / "views.png", "ply": out_dir / "splat.ply", "turntable": out_dir / "turntable.gif"}
-    sheet = contact_sheet(views, [f"az {int(a)}" for a in AZIMUTHS], columns=4, cell=params.render_resolution)
+    labels = [f"az {int(a)}" for a in AZIMUTHS]
+    if condition_image is not None:
+        shown = torch.nn.functional.interpolate(condition_image[None].float(), size=(params.render_resolution,) * 2,
+                                                mode="bilinear", align_corners=False, antialias=True)[0]
+        views = [(shown.clamp(0, 1).permute(1, 2, 0).numpy() * 255.0).round().astype(np.uint8)] + views
+        labels = ["input"] + labels
+    sheet = contact_sheet(views, labels, columns=len(views), cell=params.render_resolution)
     imageio.imwrite(paths["views"], sheet)
     n = write_ply(paths["ply"], gaussians, opacity_threshold=params.opacity_threshold)
-    frames = turntable(gaussians, params.turntable_frames, params.elevation, params.distance,
-                       params.render_resolution, params.rasterizer, params.opacity_threshold)
+    frames = turntable(gaussians, params.turntable_frames, elevation, params.distance,
+                       params.render_resolution, params.rasterizer, params.opacity_threshold, params.image_formation)
     imageio.mimsave(paths["turntable"], frames, duration=1000 / params.turntable_fps, loop=0)
-    log(f"generate: {params.prompt!r}: {paths['views']}, {paths['ply']} ({n} Gaussians), "
+    what = f"image {params.image}" + (f" + {params.prompt!r}" if params.prompt else "") if condition_image is not None \
+        else repr(params.prompt)
+    log(f"generate: {what}: {paths['views']}, {paths['ply']} ({n} Gaussians), "
         f"{paths['turntable']} ({len(frames)} frames)")
     return paths

@@ -1,4 +1,4 @@
-"""The latent cache: the frozen half of GSDiff training, done once per character (DiffSplat reference §4, §5).
+"""The latent cache: the frozen half of GSDiff training, done once per character (docs/diffsplat-reference.md §4, §5).
 
 For every character and every fixed "even" input-view set (:data:`EVEN_VIEW_SETS`: 6 on ring A, 3 on ring B),
 GSRecon turns the 4 posed input views into splatter images and the GSVAE encodes them (posterior mean, eval
@@ -36,6 +36,7 @@ from chibisplat.dataset import schema
 from chibisplat.dataset.loader import PromptEmbeddings, ViewConfig, _Views, normal_depth_views, object_views
 from chibisplat.dataset.pack import SPLITS, packed_files
 from chibisplat.device import module_device, resolve_device, to_device
+from chibisplat.files import atomic_path
 from chibisplat.identity import sha256_json, sha256_text
 from chibisplat.models.sources import load_model_stack
 from chibisplat.safetensors_io import safetensors_bytes
@@ -214,11 +215,18 @@ class LatentSummary:
     encoded: list[str] = field(default_factory=list)
     reused: list[str] = field(default_factory=list)
     removed: list[str] = field(default_factory=list)
+    executor: dict = field(default_factory=dict)  # what the executor shipped (chibisplat/executors RunStats)
 
 
-def build_latents(params: LatentParams, models_cfg: dict, log=print) -> LatentSummary:
-    """Encode every packed character whose cache key changed; remove files of characters no longer packed."""
+def build_latents(params: LatentParams, models_cfg: dict, log=print, executor=None) -> LatentSummary:
+    """Encode every packed character whose cache key changed; remove files of characters no longer packed.
+
+    ``executor``: where the encoding runs (``chibisplat.executors.ExecutorConfig``, params.yaml ``cluster.latents``);
+    None: in this process. Either way this process decides what is stale and writes every file."""
+    from chibisplat.executors.latents import latent_encoder
+
     summary = LatentSummary()
+    encoder = None
     embeddings = PromptEmbeddings(params.embeddings)
     stack = None
     models_id = None
@@ -236,28 +244,38 @@ def build_latents(params: LatentParams, models_cfg: dict, log=print) -> LatentSu
                     stack = load_model_stack(models_cfg, with_unet=False)  # GSRecon + GSVAE only
                     to_device((stack.gsrecon, stack.gsvae), params.device)
                     models_id = model_identity(stack)
+                    encoder = latent_encoder(executor, lambda r: encode_character(stack, r, params), params, models_cfg,
+                                             models_id, log)
                 key = cache_key(row, models_id, params)
                 path = split_dir / f"{uid}.safetensors"
                 if path.is_file() and read_metadata(path).get("cache_key") == key:
                     summary.reused.append(uid)
                     continue
-                tensors = encode_character(stack, row, params)
                 meta = {
                     "format": str(FORMAT_VERSION), "uid": uid, "caption": row[schema.CAPTION],
                     "caption_sha256": sha256_text(row[schema.CAPTION]), "cache_key": key, "models": models_id,
                     "view_sets": json.dumps([EVEN_VIEW_SETS[s] for s in selected_view_sets(params)]),
                 }
-                tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-                tmp.write_bytes(safetensors_bytes(tensors, meta))  # sorted metadata: same inputs, same bytes
-                os.chmod(tmp, 0o644)
-                os.replace(tmp, path)  # a killed run never leaves half a file
-                summary.encoded.append(uid)
-                log(f"latents: {split}/{uid}: {tuple(tensors['latents'].shape)} encoded")
+
+                def install(tensors, where, path=path, meta=meta, split=split, uid=uid):
+                    with atomic_path(path) as tmp:  # a killed run never leaves half a file
+                        tmp.write_bytes(safetensors_bytes(tensors, meta))  # sorted metadata: same inputs, same bytes
+                        os.chmod(tmp, 0o644)
+                    summary.encoded.append(uid)
+                    log(f"latents: {split}/{uid}: {tuple(tensors['latents'].shape)} encoded"
+                        + (f" on {where}" if where else ""))
+
+                encoder.submit(uid, row, install)
+        if encoder is not None:
+            encoder.drain()  # every file of this split is written before stale ones are judged
         for stale in sorted(split_dir.glob("*.safetensors")):
             if stale.stem not in seen:
                 stale.unlink()
                 summary.removed.append(stale.stem)
                 log(f"latents: {split}/{stale.stem}: removed (no longer packed)")
+    if encoder is not None:
+        encoder.close()
+        summary.executor = encoder.stats.as_dict()
     log(f"latents: {len(summary.encoded)} encoded, {len(summary.reused)} reused, {len(summary.removed)} removed")
     return summary
 

@@ -39,13 +39,17 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from chibisplat.config_schema import DEFAULT_IMAGE_FORMATION
 from chibisplat.device import to_device
 from chibisplat.identity import sha256_json
 from chibisplat.models.sources import load_model_stack
 from chibisplat.training.config import NonFiniteLoss, check_keys, resolved_section
 from chibisplat.training.latents import load_latent_set, read_metadata
+from chibisplat.training.image_condition import (
+    condition_moments, object_condition_slots, packed_condition_images, prediction_type_for, vae_scaling,
+)
 from chibisplat.training.objective import (
-    diffusion_step_inputs, noise_scheduler, rendering_loss, sample_batch, step_generator,
+    diffusion_step_inputs, noise_scheduler, rendering_loss, sample_batch, step_generator, unet_prediction,
 )
 from chibisplat.training.precision import check_mixed_precision
 
@@ -63,6 +67,7 @@ COMPILE_BACKEND = "inductor"
 class TrainParams:
     latents_dir: str = "data/latents"
     embeddings: str = "data/embeddings/prompt_embeds.parquet"
+    packed_dir: str = "data/packed"  # the condition views of the image model (models.image_conditioned)
     out_dir: str = "models/train"
     metrics_dir: str = "metrics/train"
     seed: int = 0
@@ -91,14 +96,18 @@ class TrainParams:
     use_ema: bool = True
     ema_decay: float = 0.9999
     ema_power: float = 0.75  # warm-up 1 - (1 + step)^-power (DiffSplat's MyEMAModel)
-    prediction_type: str = "epsilon"
-    cfg_dropout: float = 0.1  # text -> null embedding (DiffSplat: text dropped with p = 0.10)
+    # null: the model's (DiffSplat): v_prediction with models.image_conditioned, else epsilon (docs/image-to-3d.md §4)
+    prediction_type: str | None = None
+    # each condition's dropout rate: text -> null embedding (DiffSplat: p = 0.10); the image model also drops the
+    # image (zero latent) at this rate, both together half of it (docs/image-to-3d.md §5)
+    cfg_dropout: float = 0.1
     diffusion_weight: float = 1.0
     render_weight: float = 1.0
     rendering_loss_prob: float = 0.0  # DiffSplat: 0 in stage 1, 1 in the "__render" stage
     lpips_weight: float = 1.0
     lpips_weights: str | None = None  # local LPIPS-VGG16 file; null: LPIPS term off (logged)
     rasterizer: str = "auto"  # auto | torch | gsplat
+    image_formation: str = DEFAULT_IMAGE_FORMATION  # diffsplat | 3dgs (chibisplat/splats/rasterize.py)
     checkpointing_steps: int = 50
     checkpoints_total_limit: int = 2
     resume: str = "auto"  # auto | never
@@ -178,9 +187,11 @@ class MicroBatches(torch.utils.data.Dataset):
     ahead in ``train.dataloader_workers`` processes gives exactly the batches the loop would draw itself.
     """
 
-    def __init__(self, data, scheduler, scaling, params: TrainParams, rank: int, start: int, render_on: bool):
+    def __init__(self, data, scheduler, scaling, params: TrainParams, rank: int, start: int, render_on: bool,
+                 condition: torch.Tensor | None = None, condition_scaling: float | None = None):
         self.data, self.scheduler, self.scaling, self.params = data, scheduler, scaling, params
         self.rank, self.start, self.render_on = rank, start, render_on
+        self.condition, self.condition_scaling = condition, condition_scaling  # image model (image_condition.py)
 
     def __len__(self) -> int:
         return max(0, self.params.max_steps - self.start) * self.params.gradient_accumulation_steps
@@ -189,9 +200,9 @@ class MicroBatches(torch.utils.data.Dataset):
         p = self.params
         step, micro = divmod(i, p.gradient_accumulation_steps)
         g = step_generator(p.seed, self.start + step, micro, self.rank)
-        batch = sample_batch(self.data, p.batch_size, g)
+        batch = sample_batch(self.data, p.batch_size, g, self.condition)
         inputs = diffusion_step_inputs(batch, self.scheduler, self.scaling, self.data.null_embed, p.cfg_dropout,
-                                       self.data.resolution, g)
+                                       self.data.resolution, g, self.condition_scaling)
         render = self.render_on and bool(torch.rand(1, generator=g) < p.rendering_loss_prob)
         return {"batch": batch, "inputs": inputs, "render": render}
 
@@ -217,14 +228,12 @@ def device_micro_batch(item: dict, device) -> tuple:
 
 def training_step(unet, batch, inputs, scheduler, gsvae, lpips, params: TrainParams, render: bool) -> dict:
     """Loss of one micro-batch: diffusion MSE per object (+ the rendering loss on ``render`` micro-batches)."""
-    pred = unet(
-        inputs["unet_input"], inputs["timesteps"], inputs["encoder_hidden_states"],
-        cross_attention_kwargs={"num_views": 4},
-    ).sample
+    pred = unet_prediction(unet, inputs)
     diffusion = F.mse_loss(pred.float(), inputs["target"].float())
     out = {"diffusion_loss": diffusion, "loss": params.diffusion_weight * diffusion}
     if render:
-        r = rendering_loss(pred, inputs, batch, scheduler, gsvae, lpips, params.lpips_weight, params.rasterizer)
+        r = rendering_loss(pred, inputs, batch, scheduler, gsvae, lpips, params.lpips_weight, params.rasterizer,
+                           params.image_formation)
         out.update(r)
         out["loss"] = out["loss"] + params.render_weight * r["render_loss"]
     return out
@@ -255,7 +264,17 @@ def train(params: TrainParams, models_cfg: dict, log=print) -> TrainResult:
     # --- data and models
     data = load_latent_set(latents_dir, "train", Path(params.embeddings))
     stack = load_model_stack(models_cfg)
-    scheduler = noise_scheduler(stack, params.prediction_type)
+    image_conditioned = bool(models_cfg.get("image_conditioned", False))
+    scheduler = noise_scheduler(stack, prediction_type_for(image_conditioned, params.prediction_type))
+    condition = condition_scaling = None
+    if image_conditioned:  # each object's condition view (input view 0) through SD1.5's VAE, once
+        slots = object_condition_slots(latents_dir, "train")
+        if len(slots) != len(data):
+            raise ValueError(f"{latents_dir}/train changed while reading it ({len(slots)} vs {len(data)} objects); "
+                             "run the train stage again")
+        images = packed_condition_images(Path(params.packed_dir), "train", slots, data.resolution, log)
+        image_vae = to_device(stack.image_vae, device).requires_grad_(False).eval()
+        condition, condition_scaling = condition_moments(image_vae, images), vae_scaling(image_vae)
     gsvae = to_device(stack.gsvae, device).requires_grad_(False).eval()
     unet = stack.unet.requires_grad_(False)
     lora = params.mode == "lora"
@@ -333,7 +352,8 @@ def train(params: TrainParams, models_cfg: dict, log=print) -> TrainResult:
 
     result = TrainResult(steps=start, resumed_from=start)
     micro_batches = iter(micro_batch_loader(
-        MicroBatches(data, scheduler, gsvae.scale_latents, params, rank, start, render_on),
+        MicroBatches(data, scheduler, gsvae.scale_latents, params, rank, start, render_on, condition,
+                     condition_scaling),
         params.dataloader_workers, pin_memory=device.type == "cuda"))
     step, t_last, s_last = start, time.perf_counter(), start
     while step < params.max_steps:

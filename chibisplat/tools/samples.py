@@ -1,9 +1,10 @@
 """Bundled sample characters: 7 small stylised anime chibi characters built from primitives.
 
-Run ``python -m chibisplat.samples --out data/assets`` to (re)build them. Each character is written as one
-asset file (5 binary FBX, 1 ``.blend``, 1 ``.glb``) plus a one-line caption sidecar ``<stem>.txt``.
+Run ``make samples`` (``python -m chibisplat.tools.samples --out data/assets``) to (re)build them. Each character is
+written as one asset file (5 binary FBX, 1 ``.blend``, 1 ``.glb``) plus a one-line caption sidecar ``<stem>.txt``.
+The files are DVC inputs of the render stage: a rebuild that changes their bytes re-renders those characters.
 
-Conventions (see docs/dataset-contract.md section 2): the character's front faces Blender -Y, the feet
+Conventions (see docs/dataset-contract.md §2): the character's front faces Blender -Y, the feet
 rest on z=0 and it stands along +Z, about 1 unit tall, with a big head (about 45-50 % of the height).
 
 ``adventurer_boy.fbx`` is rigged: its armature's REST pose is a T-pose (arms out) and its only action
@@ -16,7 +17,8 @@ fixed creation time stamp, and the CLI re-runs itself with PYTHONHASHSEED=0 beca
 object UIDs from Python's salted hash(); so rebuilding gives byte-identical .fbx and .glb files. The
 .blend file is not byte-identical between runs (Blender stores session ids), only its geometry is.
 
-Other modes (all run in a bpy process):
+Other modes (all run in a bpy process; they import, pose and measure the assets with the render stage's own code,
+chibisplat/render/blender.py, and frame them with its camera, chibisplat/cameras.py):
   --summary PATH   after building (or with --no-build: for the files already in --out) re-import every
                    asset into a fresh scene and write a JSON summary (mesh/vertex counts, bboxes, facing).
   --preview PNG    render a small front-view montage of the assets in --out (Cycles, CPU).
@@ -36,6 +38,10 @@ from pathlib import Path
 import bpy  # noqa: I001  (bpy must come first: it makes bmesh and mathutils importable)
 import bmesh
 from mathutils import Matrix, Vector
+
+from chibisplat import cameras, png
+from chibisplat.images import contact_sheet
+from chibisplat.render import blender as render
 
 # --------------------------------------------------------------------------------------------------
 # The character table
@@ -949,58 +955,27 @@ def export_character(ch: Character, out_dir: Path) -> Path:
 # --------------------------------------------------------------------------------------------------
 
 
-def import_asset(path: Path) -> None:
-    """Fresh scene containing only the asset."""
-    bpy.ops.wm.read_factory_settings(use_empty=True)
-    suffix = path.suffix.lower()
-    if suffix == ".fbx":
-        bpy.ops.import_scene.fbx(filepath=str(path))
-    elif suffix in (".glb", ".gltf"):
-        bpy.ops.import_scene.gltf(filepath=str(path))
-    elif suffix == ".blend":
-        bpy.ops.wm.open_mainfile(filepath=str(path))
-    else:
-        raise ValueError(f"unsupported asset {path}")
-
-
-def _mesh_objects():
-    return [o for o in bpy.context.scene.objects if o.type == "MESH" and o.visible_get()]
+def load_asset(path: Path, pose: str) -> list[bpy.types.Object]:
+    """A fresh scene holding only the asset, imported and posed by the render stage's own code
+    (``pose``: its pose policy, ``rest`` or ``frame:<n>``). Returns the visible mesh objects."""
+    render.reset_scene()
+    render.import_asset(path, pose)
+    render.apply_pose(pose)
+    return [o for o in render.renderable_objects() if o.type == "MESH"]
 
 
 def _bbox(objs) -> tuple[list[float], list[float]]:
-    import numpy as np
-    dg = bpy.context.evaluated_depsgraph_get()
-    lo, hi = np.full(3, np.inf), np.full(3, -np.inf)
-    for o in objs:
-        ev = o.evaluated_get(dg)
-        me = ev.to_mesh()
-        co = np.empty(len(me.vertices) * 3)
-        me.vertices.foreach_get("co", co)
-        ev.to_mesh_clear()
-        if not len(co):
-            continue
-        co = co.reshape(-1, 3)
-        mw = np.array(o.matrix_world)
-        w = co @ mw[:3, :3].T + mw[:3, 3]
-        lo, hi = np.minimum(lo, w.min(0)), np.maximum(hi, w.max(0))
-    return [round(float(x), 4) + 0.0 for x in lo], [round(float(x), 4) + 0.0 for x in hi]  # no -0.0
-
-
-def set_rest_pose(rest: bool) -> None:
-    for o in bpy.context.scene.objects:
-        if o.type == "ARMATURE":
-            o.data.pose_position = "REST" if rest else "POSE"
-    bpy.context.view_layer.update()
+    """World bbox of the evaluated meshes (the render stage's measure), rounded to 0.1 mm for the JSON summary."""
+    bbox, _, _ = render.evaluated_bbox(objs)
+    return [round(float(x), 4) + 0.0 for x in bbox[0]], [round(float(x), 4) + 0.0 for x in bbox[1]]  # no -0.0
 
 
 def summarize(path: Path) -> dict:
-    import_asset(path)
-    scene = bpy.context.scene
-    scene.frame_set(1)
-    meshes = _mesh_objects()
-    arms = [o for o in scene.objects if o.type == "ARMATURE"]
+    meshes = load_asset(path, "frame:1")
+    arms = [o for o in bpy.context.scene.objects if o.type == "ARMATURE"]
+    actions = sorted(a.animation_data.action.name for a in arms if a.animation_data and a.animation_data.action)
     posed = _bbox(meshes)
-    set_rest_pose(True)
+    render.apply_pose("rest")  # armatures in their rest position (this also unassigns the actions: read above)
     rest = _bbox(meshes)
     by_name = {o.name: o for o in meshes}
     head = by_name.get("head")
@@ -1015,8 +990,7 @@ def summarize(path: Path) -> dict:
         "materials": len({m.name for o in meshes for m in o.data.materials if m}),
         "armatures": len(arms),
         "bones": sum(len(a.data.bones) for a in arms),
-        "active_actions": sorted(a.animation_data.action.name for a in arms
-                                 if a.animation_data and a.animation_data.action),
+        "active_actions": actions,
         "bbox_rest": rest,
         "bbox_frame1": posed,
     }
@@ -1028,38 +1002,35 @@ def summarize(path: Path) -> dict:
         info["eyes_minus_head_centre"] = [round(e - h, 4) for e, h in zip(ec, hc)]
         top = max(hhi[2], _bbox([by_name["hair"]])[1][2]) if "hair" in by_name else hhi[2]
         info["head_height_fraction"] = round((top - hlo[2]) / max(rest[1][2] - rest[0][2], 1e-9), 4)
-    set_rest_pose(False)
     return info
-
-
-def asset_paths(out_dir: Path) -> list[Path]:
-    return [out_dir / f"{c.name}.{c.fmt}" for c in CHARACTERS]
 
 
 # --------------------------------------------------------------------------------------------------
 # Preview montage (small Cycles renders of the re-imported assets, rest pose)
 # --------------------------------------------------------------------------------------------------
 
+PREVIEW_ELEVATION = 10.0  # degrees
+PREVIEW_MARGIN = 1.25  # the frame is this many times the character's largest extent
 
-def _render_view(path: Path, png: Path, azimuth_deg: float, res: int, samples: int) -> None:
-    import_asset(path)
+
+def _render_view(path: Path, png_path: Path, azimuth_deg: float, res: int, samples: int) -> None:
+    """The asset as the render stage sees it (rest pose, normalised to extent 1 around the origin), through the
+    stage's camera (lens, sensor, orbit convention) at a distance that frames it; a soft key/fill look."""
+    objects = load_asset(path, "rest")
     scene = bpy.context.scene
-    scene.frame_set(1)
-    set_rest_pose(True)
     for o in list(scene.objects):
         if o.type in ("CAMERA", "LIGHT"):
             bpy.data.objects.remove(o)
-    lo, hi = _bbox(_mesh_objects())
-    centre = Vector([(a + b) / 2 for a, b in zip(lo, hi)])
-    extent = max(b - a for a, b in zip(lo, hi))
-    cam = bpy.data.objects.new("cam", bpy.data.cameras.new("cam"))
+    render.normalise_scene(objects)
+    cam_data = bpy.data.cameras.new("cam")
+    cam_data.lens = cameras.LENS_MM
+    cam_data.sensor_width = cam_data.sensor_height = cameras.SENSOR_MM
+    cam = bpy.data.objects.new("cam", cam_data)
     scene.collection.objects.link(cam)
     scene.camera = cam
-    dist = extent * 1.25 / math.tan(math.radians(39.6) / 2) / 2
-    az, el = math.radians(azimuth_deg), math.radians(10)
-    cam.location = centre + dist * Vector((math.sin(az) * math.cos(el), -math.cos(az) * math.cos(el),
-                                           math.sin(el)))
-    cam.rotation_euler = (centre - cam.location).to_track_quat("-Z", "Y").to_euler()
+    distance = PREVIEW_MARGIN / 2 / math.tan(cameras.FOV_RAD / 2)
+    c2w = cameras.look_at_c2w(cameras.camera_position(azimuth_deg, PREVIEW_ELEVATION, distance))
+    cam.matrix_world = Matrix(cameras.opencv_to_blender_camera(c2w).tolist())
     for name, energy, rot in (("key", 3.0, (50, 0, -30)), ("fill", 1.2, (60, 0, 140))):
         light = bpy.data.objects.new(name, bpy.data.lights.new(name, "SUN"))
         light.data.energy = energy
@@ -1079,35 +1050,26 @@ def _render_view(path: Path, png: Path, azimuth_deg: float, res: int, samples: i
     scene.view_settings.view_transform = "Standard"
     scene.render.image_settings.file_format = "PNG"
     scene.render.image_settings.color_mode = "RGBA"
-    scene.render.filepath = str(png)
+    scene.render.filepath = str(png_path)
     bpy.ops.render.render(write_still=True)
 
 
-def make_preview(out_dir: Path, png: Path, res: int = 160, samples: int = 8, views=(0.0,),
+def make_preview(out_dir: Path, png_path: Path, res: int = 160, samples: int = 8, views=(0.0,),
                  chars: list[Character] | None = None) -> None:
+    """One row per azimuth in ``views``, one column per character, composited on white and labelled."""
     import tempfile
 
-    import cv2
-    import numpy as np
-
-    tiles = []
+    chars = chars or CHARACTERS
+    tiles, labels = [], []
     with tempfile.TemporaryDirectory() as tmp:
         for view in views:
-            row = []
-            for c in chars or CHARACTERS:
+            for c in chars:
                 f = Path(tmp) / f"{c.name}_{int(view)}.png"
                 _render_view(out_dir / f"{c.name}.{c.fmt}", f, view, res, samples)
-                rgba = cv2.imread(str(f), cv2.IMREAD_UNCHANGED).astype(np.float32) / 255.0
-                a = rgba[..., 3:4]
-                rgb = rgba[..., :3] * a + (1 - a)  # composite on white
-                img = (rgb * 255 + 0.5).astype(np.uint8)
-                label = c.name
-                cv2.putText(img, label, (4, res - 6), cv2.FONT_HERSHEY_SIMPLEX, 0.36, (60, 60, 60), 1,
-                            cv2.LINE_AA)
-                row.append(img)
-            tiles.append(np.concatenate(row, axis=1))
-    png.parent.mkdir(parents=True, exist_ok=True)
-    cv2.imwrite(str(png), np.concatenate(tiles, axis=0), [cv2.IMWRITE_PNG_COMPRESSION, 9])
+                tiles.append(png.read_png(f))
+                labels.append(c.name)
+    png_path.parent.mkdir(parents=True, exist_ok=True)
+    png.write_png(png_path, contact_sheet(tiles, labels, columns=len(chars), cell=res))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1120,14 +1082,16 @@ def _reexec_with_fixed_hash_seed() -> None:
     process. Re-run this module once with PYTHONHASHSEED=0 so that rebuilding gives the same FBX bytes."""
     if os.environ.get("PYTHONHASHSEED") == "0":
         return
+    if __spec__ is None:
+        sys.exit("run the sample builder as a module: make samples, or python -m chibisplat.tools.samples")
     env = dict(os.environ, PYTHONHASHSEED="0")
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execve(sys.executable, [sys.executable, "-m", "chibisplat.samples", *sys.argv[1:]], env)
+    os.execve(sys.executable, [sys.executable, "-m", __spec__.name, *sys.argv[1:]], env)
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m chibisplat.samples", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog=f"python -m {__spec__.name}", description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, default=Path("data/assets"), help="output folder (default data/assets)")
     ap.add_argument("--only", nargs="*", help="build only these character names")
     ap.add_argument("--no-build", action="store_true", help="do not build; only --summary / --preview")

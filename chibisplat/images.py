@@ -1,4 +1,7 @@
-"""Contact sheets: many views of one character in one PNG, for people to look at."""
+"""Images for people to look at: RGBA composited on a background, contact sheets (many views in one picture).
+
+Plain numpy/OpenCV, no Blender: the render worker, evaluation, inference and the sample builder's preview share it.
+"""
 
 from __future__ import annotations
 
