@@ -21,19 +21,17 @@ sys.path.insert(0, str(REPO))
 
 from chibisplat.models.sources import build_full_size_empty, tiny_model_stack  # noqa: E402
 from chibisplat.training.checkpointing import adapter_only_checkpoints, save_checkpoint  # noqa: E402
-from chibisplat.training.train import LORA_TARGETS  # noqa: E402
+from chibisplat.training.train import lora_config  # noqa: E402
 
 
 def checkpoint_bytes(unet, mode: str, rank: int, adapter_only: bool, root: Path) -> tuple[int, int]:
     """(bytes of the checkpoint folder, trainable parameters) after one optimizer and EMA step."""
     from accelerate import Accelerator
     from diffusers.training_utils import EMAModel
-    from peft import LoraConfig
 
     unet.requires_grad_(False)
     if mode == "lora":
-        unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
-                                    target_modules=LORA_TARGETS))
+        unet.add_adapter(lora_config(rank, rank))
     else:
         unet.requires_grad_(True)
     trainable = [p for p in unet.parameters() if p.requires_grad]

@@ -30,6 +30,7 @@ The configurations are the rows of issue 9's table; the `preset` rows are the pr
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -48,7 +49,7 @@ sys.path.insert(0, str(REPO / "tests"))  # synthetic_renders: packed characters 
 import yaml  # noqa: E402
 
 from chibisplat.protocol import CANONICAL_RADIUS  # noqa: E402
-from chibisplat.training.config import resolved_section  # noqa: E402
+from chibisplat.config import TrainParams, build, load_config, resolved_section  # noqa: E402
 
 LEGACY = dict(mode="full", mixed_precision="fp16", gradient_checkpointing=True, fused_adamw=False,
               ema_foreach=False, compile=False, rendering_loss_prob=0.0, gradient_accumulation_steps=1,
@@ -79,12 +80,20 @@ class _Enough(Exception):
     """Raised from train()'s log callback once the timed steps are done (skips the final checkpoint write)."""
 
 
-def fixture_models_cfg(folder: str) -> dict:
+def pretrained_models():
+    """params.yaml ``models:`` with ``source: pretrained`` and no fine-tuned modules."""
+    models = load_config(REPO / "params.yaml", sections=("models",)).models
+    return dataclasses.replace(models, source="pretrained", finetuned=None)
+
+
+def fixture_models_cfg(folder: str):
     """params.yaml ``models:`` for a folder written by ``python -m chibisplat.models.fixture --out DIR``."""
     from chibisplat.models.fixture import DIFFSPLAT_DIR, SD15_DIR
 
-    return {"source": "pretrained", "diffsplat": {"path": str(Path(folder) / DIFFSPLAT_DIR)},
-            "sd15": {"path": str(Path(folder) / SD15_DIR)}, "finetuned": None}
+    models = pretrained_models()
+    diffsplat = dataclasses.replace(models.diffsplat, path=Path(folder) / DIFFSPLAT_DIR)
+    sd15 = dataclasses.replace(models.sd15, path=Path(folder) / SD15_DIR)
+    return dataclasses.replace(models, diffsplat=diffsplat, sd15=sd15)
 
 
 def full_size_stack(tiny: bool, fixture: str | None = None):
@@ -170,7 +179,7 @@ def worker_train(job: dict) -> dict:
                    log_every=1, resume="never", lpips_weights=None, seed=0)
     if tiny:
         section.update(batch_size=2)
-    p = train_mod.TrainParams(**{k: v for k, v in section.items() if k != "presets"})
+    p = build(TrainParams, {k: v for k, v in section.items() if k != "presets"}, "train")
     if tiny and p.compile:
         train_mod.COMPILE_BACKEND = "aot_eager"  # inductor's C++ build of the tiny UNet takes minutes on 2 cores
     stack = full_size_stack(tiny, job.get("fixture"))
@@ -186,7 +195,7 @@ def worker_train(job: dict) -> dict:
                 raise _Enough
 
     try:
-        train_mod.train(p, {"source": "pretrained", "bench": "random full-size weights"}, log=log)
+        train_mod.train(p, pretrained_models(), log=log)  # its load_model_stack returns the random full-size stack
     except _Enough:
         pass
     _sync(device)
@@ -213,11 +222,13 @@ def worker_render(job: dict) -> dict:
     gt = torch.ones(b, 8, 3, res, res, device=device)
     mask = torch.zeros(b, 8, 1, res, res, device=device)
     out = {}
-    for batched in (False, True):
+    # Under "diffsplat" (the default) gsplat gets precomputed covariances, one call per camera either way; the
+    # batching lever is measured under "3dgs", where one call takes all 8 cameras (README "GPU speed levers").
+    for formation, batched in (("3dgs", False), ("3dgs", True), ("diffsplat", True)):
         orig = objective.render_objects
 
-        def render(*a, _batched=batched, **k):
-            return orig(*a, batch_views=_batched, **k)
+        def render(*a, _batched=batched, _formation=formation, **k):
+            return orig(*a, batch_views=_batched, **{**k, "image_formation": _formation})
 
         objective.render_objects = render
         try:
@@ -233,8 +244,9 @@ def worker_render(job: dict) -> dict:
                     times.append(time.perf_counter() - t0)
         finally:
             objective.render_objects = orig
-        out["per object" if batched else "per view"] = statistics.median(times)
-    return {"per_view_s": out["per view"], "per_object_s": out["per object"], "objects": b, "res": res,
+        out[(formation, batched)] = statistics.median(times)
+    return {"per_view_s": out[("3dgs", False)], "per_object_s": out[("3dgs", True)],
+            "diffsplat_s": out[("diffsplat", True)], "objects": b, "res": res,
             "gaussians": 4 * res_splat * res_splat, "peak_gib": _peak(device)}
 
 
@@ -242,7 +254,7 @@ def worker_latents(job: dict) -> dict:
     """The latents stage's per-character encoding (9 view sets), characters/s."""
     from chibisplat.dataset.pack import packed_files
     from chibisplat.dataset.rows import shard_rows
-    from chibisplat.training.latents import LatentParams, encode_character
+    from chibisplat.training.latents import encode_character
 
     tiny, device = job["tiny"], job["device"]
     stack = full_size_stack(tiny, job.get("fixture"))
@@ -250,8 +262,9 @@ def worker_latents(job: dict) -> dict:
     stack.gsvae.to(device)
     rows = [r for f in packed_files(Path(job["packed"]), "train") for r in shard_rows(f)]
     res = job["resolution"]
-    params = LatentParams(resolution=res, render_resolution=res, device=device,
-                          mixed_precision=job["mixed_precision"])
+    base = load_config(REPO / "params.yaml", sections=("latents", "models")).latents  # the rest: params.yaml's
+    params = dataclasses.replace(base, resolution=res, render_resolution=res, device=device,
+                                 mixed_precision=job["mixed_precision"])
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     encode_character(stack, rows[0], params)  # warm-up
@@ -334,9 +347,11 @@ def main() -> int:
             else:
                 print(f"\nrendering loss (splatter_render_loss, forward + backward), {r['objects']} objects x 8 views "
                       f"at {r['res']} px, {r['gaussians']:,} Gaussians per object")
-                print("| rasterizer calls | ms | peak GiB |\n|---|---|---|")
-                print(f"| one per view | {r['per_view_s'] * 1e3:.1f} | {_gib(r['peak_gib'])} |")
-                print(f"| one per object (8 cameras batched) | {r['per_object_s'] * 1e3:.1f} | {_gib(r['peak_gib'])} |")
+                print("| image formation | rasterizer calls | ms | peak GiB |\n|---|---|---|---|")
+                print(f"| 3dgs | one per view | {r['per_view_s'] * 1e3:.1f} | {_gib(r['peak_gib'])} |")
+                print(f"| 3dgs | one per object (8 cameras batched) | {r['per_object_s'] * 1e3:.1f} | {_gib(r['peak_gib'])} |")
+                print(f"| diffsplat (default) | one per camera (precomputed covariances) | {r['diffsplat_s'] * 1e3:.1f} | "
+                      f"{_gib(r['peak_gib'])} |")
         if "latents" in args.only:
             from synthetic_renders import make_packed
 

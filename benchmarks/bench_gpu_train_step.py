@@ -30,7 +30,7 @@ sys.path.insert(0, str(REPO))
 from chibisplat.models.gsdiff import build_mv_unet, mv_unet_config  # noqa: E402
 from chibisplat.models.sources import tiny_model_stack  # noqa: E402
 from chibisplat.protocol import NUM_INPUT_VIEWS  # noqa: E402
-from chibisplat.training.train import LORA_TARGETS  # noqa: E402
+from chibisplat.training.train import lora_config  # noqa: E402
 
 
 def build(mode: str, tiny: bool, device: str, checkpointing: bool, rank: int = 4):
@@ -38,9 +38,7 @@ def build(mode: str, tiny: bool, device: str, checkpointing: bool, rank: int = 4
     unet = tiny_model_stack(0).unet if tiny else build_mv_unet(mv_unet_config())
     unet.requires_grad_(False)
     if mode == "lora":
-        from peft import LoraConfig
-
-        unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=LORA_TARGETS))
+        unet.add_adapter(lora_config(rank, rank))
     else:
         unet.requires_grad_(True)
     if checkpointing:

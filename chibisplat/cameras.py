@@ -28,7 +28,6 @@ from chibisplat.protocol import (
 )
 
 CONVENTION = "opencv_camera_blender_world"
-from chibisplat.protocol import DUPLICATE_SLOTS, NUM_SLOTS as NUM_VIEWS  # TEMPORARY (issue 13): until loader/latents/pack/stage import protocol
 
 # Blender's default 36 mm sensor with the lens that gives DiffSplat's focal length (50 mm): a square image has a
 # FOV of 2*atan(0.36) = 39.598 deg.

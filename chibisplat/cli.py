@@ -16,8 +16,11 @@ trained with it). The prompt is optional then ("" by default, as DiffSplat).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
+
+from chibisplat.config import Config
 
 
 TINY_NOTE = ("generate: note: models.source is tiny: this output comes from untrained tiny models (random GSRecon/GSVAE, "
@@ -25,9 +28,12 @@ TINY_NOTE = ("generate: note: models.source is tiny: this output comes from untr
              "Set models.source: pretrained (SD1.5 + the DiffSplat checkpoints) for real results.")
 
 
-def run_generate(params: dict, prompt: str | None, out_dir: Path | None = None, log=print, image: str | None = None,
-                 **overrides) -> dict[str, Path]:
+def run_generate(cfg: Config, prompt: str | None, out_dir: Path | None = None, log=print,
+                 image: str | Path | None = None, **overrides) -> dict[str, Path]:
     """Encode ``prompt`` with the configured text encoder and generate into ``out_dir``.
+
+    ``cfg``: the typed params (:class:`chibisplat.config.Config` with ``generate``, ``models``, ``embed``);
+    ``overrides``: ``generate`` keys given on the command line (None: the params.yaml value).
 
     ``image``: image-to-3D from that front view (switches ``models.image_conditioned`` on for this call); ``prompt``
     None means ``generate.prompt`` for text and ``""`` with an image. With ``models.image_conditioned: true`` and no
@@ -38,37 +44,32 @@ def run_generate(params: dict, prompt: str | None, out_dir: Path | None = None, 
     from chibisplat.dataset.text_encoder import load_text_encoder
     from chibisplat.device import resolve_device, to_device
     from chibisplat.models.sources import load_model_stack
-    from chibisplat.training.inference import GenerateParams, generate, load_trained_unet
-    from chibisplat.training.latents import LatentParams
+    from chibisplat.training.inference import generate, load_trained_unet
     from chibisplat.training.objective import noise_scheduler
 
     from chibisplat.models.gsdiff import is_image_conditioned
     from chibisplat.models.sources import check_unet_conditioning
     from chibisplat.training.image_condition import load_condition_image, prediction_type_for
 
-    models = dict(params.get("models") or {})
+    models = cfg.models
     if image is not None:
-        models["image_conditioned"] = True
-    image_conditioned = bool(models.get("image_conditioned", False))
+        models = dataclasses.replace(models, image_conditioned=True)
+    image_conditioned = models.image_conditioned
     if prompt is None and image is not None:
         prompt = ""
-    gp = GenerateParams.from_params(params, prompt=prompt, image=image, **overrides)
+    given = {k: v for k, v in dict(overrides, prompt=prompt, image=image).items() if v is not None}
+    gp = dataclasses.replace(cfg.generate, **given)
     device = resolve_device(gp.device, "generate.device (params.yaml, or --device)")
-    embed = params.get("embed") or {}
-    if models.get("source", "tiny") == "tiny":
+    if models.tiny:
         log(TINY_NOTE)
-    from chibisplat.config import config_from_params
-
-    typed_models = config_from_params({**params, "models": models}, sections=("models",), validate=False).models
-    encoder = load_text_encoder(typed_models, Path(embed.get("tiny_cache_dir", "data/.cache/text_encoder")),
-                                int(embed.get("tiny_seed", 0)), device)
+    encoder = load_text_encoder(models, cfg.embed.tiny_cache_dir, cfg.embed.tiny_seed, device)
     prompt_embed, null_embed = (torch.from_numpy(e) for e in encoder.encode([gp.prompt, ""]))
     # GSVAE, scheduler (and the image VAE); the trained UNet is loaded below
     stack = load_model_stack(models, with_unet=False, with_image_vae=image_conditioned)
     to_device(stack.gsvae, device).eval()
     unet = load_trained_unet(gp.unet, device)
     check_unet_conditioning(unet, image_conditioned, gp.unet)
-    resolution = LatentParams.from_params(params).resolution
+    resolution = gp.resolution  # latents.resolution (chibisplat/config.py derives it)
     condition_image = None
     if image_conditioned and gp.image is not None:
         condition_image, _, method = load_condition_image(Path(gp.image), resolution, gp.border_ratio,
@@ -98,11 +99,12 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--device", default=None)
     args = parser.parse_args(argv)
 
-    from chibisplat.params import load_params
+    from chibisplat.config import load_config
+    from chibisplat.config_schema import STAGE_SECTIONS
 
     try:
-        params = load_params(args.params)
-        run_generate(params, args.prompt, args.out, image=args.image, unet=args.unet, steps=args.steps, guidance=args.guidance,
+        cfg = load_config(args.params, sections=STAGE_SECTIONS["generate"])
+        run_generate(cfg, args.prompt, args.out, image=args.image, unet=args.unet, steps=args.steps, guidance=args.guidance,
                      seed=args.seed, turntable_frames=args.turntable_frames,
                      render_resolution=args.render_resolution, device=args.device)
     except (FileNotFoundError, KeyError, ValueError) as e:

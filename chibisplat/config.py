@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from chibisplat.config_schema import (
-    DEFAULT_IMAGE_FORMATION, MODEL_SOURCES, PRESETS_KEY, SCHEMA, SPLITS, ConfigError, _unknown_key, validate_params,
+    DEFAULT_IMAGE_FORMATION, MODEL_SOURCES, PRESETS_KEY, SCHEMA, SPLITS, ConfigError, unknown_key_message, validate_params,
 )
 
 DEFAULT_PATH = "params.yaml"
@@ -427,7 +427,7 @@ def build(cls, values: Mapping[str, Any], where: str, derived_values: Mapping[st
     errors = []
     for key in values:
         if key not in fields:
-            errors.append(_unknown_key(key, [n for n, f in fields.items() if DERIVED not in f.metadata], where))
+            errors.append(unknown_key_message(key, [n for n, f in fields.items() if DERIVED not in f.metadata], where))
         elif DERIVED in fields[key].metadata:
             errors.append(f"{where}.{key} is derived from {fields[key].metadata[DERIVED]}; set that key instead")
     kwargs = {}

@@ -394,7 +394,7 @@ def _check_value(value, spec: Key, where: str, full: bool, errors: list[str]) ->
                 errors.append(f"{where}: {message}")
 
 
-def _unknown_key(key, known, where: str) -> str:
+def unknown_key_message(key, known, where: str) -> str:
     near = difflib.get_close_matches(str(key), sorted(known), n=1)
     hint = f"did you mean {where}.{near[0]}? " if near else ""
     return f"{where}.{key} is not a known key; {hint}known keys: {', '.join(sorted(known))}"
@@ -403,7 +403,7 @@ def _unknown_key(key, known, where: str) -> str:
 def _check_mapping(values: dict, keys: dict[str, Key], where: str, full: bool, errors: list[str]) -> None:
     for k, v in values.items():
         if k not in keys:
-            errors.append(_unknown_key(k, keys, where))
+            errors.append(unknown_key_message(k, keys, where))
         else:
             _check_value(v, keys[k], f"{where}.{k}", full, errors)
 
@@ -478,7 +478,7 @@ def _check_section(name: str, values, params: dict, full: bool, errors: list[str
         for source, preset in presets.items():
             where = f"{name}.{PRESETS_KEY}.{source}"
             if source not in MODEL_SOURCES:
-                errors.append(_unknown_key(source, MODEL_SOURCES, f"{name}.{PRESETS_KEY}"))
+                errors.append(unknown_key_message(source, MODEL_SOURCES, f"{name}.{PRESETS_KEY}"))
                 continue
             if not isinstance(preset, dict):
                 errors.append(f"{where}: expected a mapping of {name} keys")
@@ -486,7 +486,7 @@ def _check_section(name: str, values, params: dict, full: bool, errors: list[str
             for k, v in preset.items():
                 spec = _section_key(name, k)
                 if spec is None:
-                    errors.append(_unknown_key(k, sec.keys, where))
+                    errors.append(unknown_key_message(k, sec.keys, where))
                 else:
                     _check_value(v, spec, f"{where}.{k}", full, errors)
         source = (params.get("models") or {}).get("source", MODEL_SOURCES[0])
@@ -501,7 +501,7 @@ def _check_section(name: str, values, params: dict, full: bool, errors: list[str
             continue
         spec = _section_key(name, k)
         if spec is None:
-            errors.append(_unknown_key(k, sec.keys, name))
+            errors.append(unknown_key_message(k, sec.keys, name))
         elif v is None and k in active:
             continue  # null: the active preset's value
         else:

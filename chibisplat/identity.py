@@ -87,3 +87,23 @@ def sha256_sources(asset: Path, referenced: list[Path]) -> str:
         h.update(p.stat().st_size.to_bytes(8, "little"))
         h.update(bytes.fromhex(sha256_file(p)))
     return h.hexdigest()
+
+
+def sha256_code(paths) -> str:
+    """Hash of Python sources as code: their syntax trees without docstrings (comments are not in the tree), so
+    editing a comment or a docstring keeps the hash while any change to code or a constant changes it. The render
+    cache keys on it: a documentation edit never re-renders a character."""
+    import ast
+
+    h = hashlib.sha256()
+    for p in paths:
+        tree = ast.parse(Path(p).read_text(encoding="utf-8"), filename=str(p))
+        for node in ast.walk(tree):
+            body = getattr(node, "body", None)
+            if (isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and body
+                    and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant)
+                    and isinstance(body[0].value.value, str)):
+                node.body = body[1:] or [ast.Pass()]
+        dump = ast.dump(tree, annotate_fields=True, include_attributes=False).encode()
+        h.update(len(dump).to_bytes(8, "big") + dump)
+    return h.hexdigest()

@@ -28,13 +28,6 @@ def load_params(path: str | Path = "params.yaml", validate: bool = True, section
     return params
 
 
-def section(name: str, path: str | Path = "params.yaml") -> dict:  # TRANSITION: until stages/render.py is typed
-    params = load_params(path, sections=(name,))
-    if name not in params:
-        raise KeyError(f"{path} has no '{name}:' section")
-    return params[name]
-
-
 def params_path(argv: list[str] | None = None, doc: str | None = None) -> Path:
     """``--params FILE`` from the command line (default params.yaml)."""
     parser = argparse.ArgumentParser(description=doc)
@@ -43,7 +36,7 @@ def params_path(argv: list[str] | None = None, doc: str | None = None) -> Path:
 
 
 def run_stage(name: str, doc: str | None, body: Callable[[Config], object], errors: tuple[type[BaseException], ...],
-              argv: list[str] | None = None, typed: bool = False) -> int:
+              argv: list[str] | None = None) -> int:
     """The ``main`` of a stage module: ``--params FILE`` (default params.yaml), loaded, then ``body(config)``.
 
     An expected error (``errors``, plus a missing or invalid params file) prints ``<name>: error: <message>`` and
@@ -51,8 +44,7 @@ def run_stage(name: str, doc: str | None, body: Callable[[Config], object], erro
     """
     path = params_path(argv, doc)
     try:
-        sections = STAGE_SECTIONS[name]
-        body(load_config(path, sections=sections) if typed else load_params(path, sections=sections))  # TRANSITION
+        body(load_config(path, sections=STAGE_SECTIONS[name]))
     except (FileNotFoundError, ConfigError, *errors) as e:
         print(f"{name}: error: {e}", file=sys.stderr)
         return 1

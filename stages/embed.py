@@ -18,7 +18,7 @@ def main(argv: list[str] | None = None) -> int:
     def body(cfg: Config) -> None:
         embed(cfg.embed, cfg.models)
 
-    return run_stage("embed", __doc__, body, (ModelSourceError,), argv, typed=True)
+    return run_stage("embed", __doc__, body, (ModelSourceError,), argv)
 
 
 if __name__ == "__main__":

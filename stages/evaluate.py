@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import sys
 
+from chibisplat.config import Config
 from chibisplat.params import run_stage
-from chibisplat.training.evaluate import EvaluateParams, evaluate
-from chibisplat.training.latents import LatentParams
+from chibisplat.training.evaluate import evaluate
 
 
 def main(argv: list[str] | None = None) -> int:
-    def body(p: dict) -> None:
-        evaluate(EvaluateParams.from_params(p), p.get("models") or {}, LatentParams.from_params(p).resolution)
+    def body(cfg: Config) -> None:
+        evaluate(cfg.evaluate, cfg.models, cfg.evaluate.resolution)  # latents.resolution, derived by the loader
 
     return run_stage("evaluate", __doc__, body, (KeyError, ValueError), argv)
 

@@ -19,7 +19,7 @@ def main(argv: list[str] | None = None) -> int:
     def body(cfg: Config) -> None:
         finetune(cfg.finetune, cfg.models)
 
-    return run_stage("finetune", __doc__, body, (NonFiniteLoss, ModelSourceError, ValueError), argv, typed=True)
+    return run_stage("finetune", __doc__, body, (NonFiniteLoss, ModelSourceError, ValueError), argv)
 
 
 if __name__ == "__main__":

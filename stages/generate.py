@@ -10,17 +10,17 @@ from __future__ import annotations
 import sys
 
 from chibisplat.cli import run_generate
+from chibisplat.config import Config
 from chibisplat.params import run_stage
-from chibisplat.training.inference import GenerateParams
 
 
 def main(argv: list[str] | None = None) -> int:
-    def body(p: dict) -> None:
-        gp = GenerateParams.from_params(p)
-        if (p.get("models") or {}).get("image_conditioned") and gp.image is not None:
-            run_generate(p, None, image=gp.image)
+    def body(cfg: Config) -> None:
+        gp = cfg.generate
+        if cfg.models.image_conditioned and gp.image is not None:
+            run_generate(cfg, None, image=gp.image)
         else:
-            run_generate(p, gp.prompt)
+            run_generate(cfg, gp.prompt)
 
     return run_stage("generate", __doc__, body, (KeyError, ValueError), argv)
 

@@ -8,15 +8,16 @@ from __future__ import annotations
 
 import sys
 
+from chibisplat.config import Config
 from chibisplat.executors import ExecutorError, executor_config
 from chibisplat.params import run_stage
-from chibisplat.training.latents import LatentParams, build_latents
+from chibisplat.training.latents import build_latents
 
 
 def main(argv: list[str] | None = None) -> int:
-    def body(p: dict) -> None:
+    def body(cfg: Config) -> None:
         # cluster.latents: where the characters are encoded (never what; not tracked by DVC, chibisplat/executors)
-        build_latents(LatentParams.from_params(p), p.get("models") or {}, executor=executor_config(p, "latents"))
+        build_latents(cfg.latents, cfg.models, executor=executor_config(cfg.raw, "latents"))
 
     return run_stage("latents", __doc__, body, (KeyError, ValueError, ExecutorError), argv)
 

@@ -22,7 +22,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{len(summary.unchanged)} unchanged, {len(summary.removed)} removed -> {params.out_dir}"
         )
 
-    return run_stage("pack", __doc__, body, (PackError, CaptionError), argv, typed=True)
+    return run_stage("pack", __doc__, body, (PackError, CaptionError), argv)
 
 
 if __name__ == "__main__":

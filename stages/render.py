@@ -6,9 +6,10 @@
 
 import sys
 
-from chibisplat.config_schema import ConfigError
+from chibisplat.config import load_config
+from chibisplat.config_schema import STAGE_SECTIONS, ConfigError
 from chibisplat.executors import executor_config
-from chibisplat.params import load_params, params_path, section
+from chibisplat.params import params_path
 from chibisplat.render.options import RenderParamsError
 from chibisplat.render.stage import run_render_stage
 
@@ -35,13 +36,14 @@ def summary(report: dict, allow_failures: bool) -> tuple[int, str | None]:
 def main(argv: list[str] | None = None) -> int:
     try:
         path = params_path(argv, __doc__)
-        params = section("render", path)  # validated first (chibisplat/config_schema.py)
+        cfg = load_config(path, sections=STAGE_SECTIONS["render"])  # validated first (chibisplat/config_schema.py)
+        params = cfg.render
         # cluster.render: where the characters render (never what; not tracked by DVC, see chibisplat/executors)
-        report = run_render_stage(params, executor=executor_config(load_params(path, validate=False), "render"))
+        report = run_render_stage(params, executor=executor_config(cfg.raw, "render"))
     except (ConfigError, RenderParamsError, FileNotFoundError, KeyError, RuntimeError) as e:
         print(f"render: error: {e}", file=sys.stderr)
         return 1
-    code, message = summary(report, bool(params.get("allow_failures", False)))
+    code, message = summary(report, params.allow_failures)
     if message:
         print(message, file=sys.stderr)
     return code

@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import sys
 
+from chibisplat.config import Config
 from chibisplat.params import run_stage
-from chibisplat.training.train import NonFiniteLoss, TrainParams, train
+from chibisplat.training.errors import NonFiniteLoss
+from chibisplat.training.train import train
 
 
 def main(argv: list[str] | None = None) -> int:
-    def body(p: dict) -> None:
-        train(TrainParams.from_params(p), p.get("models") or {})
+    def body(cfg: Config) -> None:
+        train(cfg.train, cfg.models)
 
     return run_stage("train", __doc__, body, (NonFiniteLoss, KeyError, ValueError), argv)
 

@@ -22,8 +22,8 @@ real_sample_batch = train_mod.sample_batch
 real_end_training = accelerate.Accelerator.end_training
 
 
-def recording_sample_batch(data, batch_size, g):
-    batch = real_sample_batch(data, batch_size, g)
+def recording_sample_batch(data, batch_size, g, *args, **kwargs):  # (+ the image model's condition)
+    batch = real_sample_batch(data, batch_size, g, *args, **kwargs)
     drawn.append(batch.index.tolist())
     return batch
 

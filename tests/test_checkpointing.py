@@ -113,10 +113,12 @@ def test_a_changed_base_unet_is_not_resumed(tmp_path, monkeypatch):
 
     monkeypatch.setattr(train_mod, "load_model_stack", other_base)
     logs: list[str] = []
-    from chibisplat.training.train import TrainParams, train
+    from project_config import project_config
 
-    p = make_params(tmp_path / "run", latents, embeddings, **(settings | {"max_steps": 4}))
-    again = train(TrainParams.from_params(p), p["models"], log=logs.append)
+    from chibisplat.training.train import train
+
+    cfg = project_config(make_params(tmp_path / "run", latents, embeddings, **(settings | {"max_steps": 4})))
+    again = train(cfg.train, cfg.models, log=logs.append)
     assert again.resumed_from == 0
     assert any("belong to other settings" in line for line in logs), logs
 
@@ -179,15 +181,12 @@ def test_checkpoint_folders_appear_whole_and_old_ones_go(tmp_path):
 
 
 def _adapted_unet(seed: int = 0):
-    from peft import LoraConfig
-
     from chibisplat.models.sources import tiny_model_stack
-    from chibisplat.training.train import LORA_TARGETS
+    from chibisplat.training.train import lora_config
 
     unet = tiny_model_stack(0).unet.requires_grad_(False)
     torch.manual_seed(seed)
-    unet.add_adapter(LoraConfig(r=LORA_RANK, lora_alpha=LORA_RANK, init_lora_weights="gaussian",
-                                target_modules=LORA_TARGETS))
+    unet.add_adapter(lora_config(LORA_RANK, LORA_RANK))
     with torch.no_grad():
         for name, p in unet.named_parameters():
             if "lora_B" in name:

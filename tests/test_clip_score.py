@@ -71,5 +71,7 @@ def test_clip_score_resizes_renders_to_the_model_size(scorer):
 def test_missing_clip_is_a_null_score_with_a_note(tmp_path):
     from chibisplat.training.evaluate import load_clip
 
-    clip, note = load_clip({"path": str(tmp_path / "nope")}, "cpu")
+    from project_config import section_params
+
+    clip, note = load_clip(section_params("evaluate", clip={"path": tmp_path / "nope"}).clip, "cpu")
     assert clip is None and "CLIP score is null" in note and "evaluate.clip.path" in note and "hf download" in note

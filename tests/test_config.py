@@ -206,3 +206,25 @@ def test_derived_fields_name_an_existing_key():
                 assert key in {g.name for g in dataclasses.fields(SECTIONS[src])}, (name, f.name)
     assert dataclasses.fields(EvaluateParams)[-1].metadata[DERIVED] == "latents.resolution"
     assert isinstance(ModelsParams.tiny, property)
+
+
+def test_one_sd15_resolver_and_one_error_class(tmp_path):
+    """The text encoder and the model stack find SD1.5 through the same resolver and fail with the same class."""
+    import chibisplat.models.sources as sources
+    from chibisplat.dataset import text_encoder
+    from chibisplat.models import hub
+
+    assert text_encoder.TextEncoderMissing is hub.ModelSourceError is sources.ModelSourceError
+    assert text_encoder.sd15_folder is hub.sd15_folder is sources.sd15_folder
+    models = config_from_params(project_params(), ("models",)).models
+    nowhere = dataclasses.replace(models, sd15=dataclasses.replace(models.sd15, path=tmp_path / "nowhere"))
+    with pytest.raises(hub.ModelSourceError, match=r"(?s)models\.sd15\.path = .*nowhere does not exist .*hf download"):
+        hub.sd15_folder(nowhere, ["tokenizer/"])
+    (tmp_path / "sd15" / "tokenizer").mkdir(parents=True)
+    found = dataclasses.replace(models, sd15=dataclasses.replace(models.sd15, path=tmp_path / "sd15"))
+    assert hub.sd15_folder(found, ["tokenizer/"]) == tmp_path / "sd15"
+    with pytest.raises(hub.ModelSourceError, match="lacks text_encoder/"):
+        hub.sd15_folder(found, ["tokenizer/", "text_encoder/"])
+    unpinned = dataclasses.replace(models, sd15=dataclasses.replace(models.sd15, revision=None))
+    with pytest.raises(hub.ModelSourceError, match=r"neither models\.sd15\.path nor both .*pinned commit"):
+        hub.sd15_folder(unpinned, ["tokenizer/"])

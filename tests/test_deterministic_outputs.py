@@ -9,13 +9,14 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+from project_config import models_params, section_params
 from safetensors import safe_open
 
 from chibisplat.dataset import schema
 from chibisplat.dataset.embeddings import embeddings_table
 from chibisplat.dataset.pack import packed_files
 from chibisplat.safetensors_io import safetensors_bytes
-from chibisplat.training.latents import LatentParams, build_latents
+from chibisplat.training.latents import build_latents
 
 
 def test_latents_twice_give_the_same_bytes(tmp_path):
@@ -28,9 +29,9 @@ def test_latents_twice_give_the_same_bytes(tmp_path):
                    embeddings)
     runs = []
     for name in ("a", "b"):
-        params = LatentParams(packed_dir=packed, embeddings=embeddings, out_dir=tmp_path / name, resolution=16,
-                              render_resolution=8, view_sets=(0,))
-        build_latents(params, {"source": "tiny", "seed": 0}, log=lambda *_: None)
+        params = section_params("latents", packed_dir=packed, embeddings=embeddings, out_dir=tmp_path / name,
+                                resolution=16, render_resolution=8, view_sets=(0,), device="cpu")
+        build_latents(params, models_params(), log=lambda *_: None)
         runs.append({p.relative_to(tmp_path / name): p.read_bytes() for p in sorted((tmp_path / name).rglob("*.safetensors"))})
     assert len(runs[0]) == 1
     assert runs[0] == runs[1]
@@ -88,19 +89,19 @@ def test_evaluate_twice_gives_the_same_bytes(tmp_path):
     from test_train import fake_latent_dir
 
     from chibisplat.models.sources import tiny_model_stack
-    from chibisplat.training.evaluate import EvaluateParams, evaluate
+    from chibisplat.training.evaluate import evaluate
 
     packed = make_packed(tmp_path / "data", n=2, size=32, val_fraction=0.99)
     latents, embeddings = fake_latent_dir(tmp_path)
     tiny_model_stack(0).unet.save_pretrained(str(tmp_path / "unet"))
     for name in ("a", "b"):
         out = tmp_path / name
-        params = EvaluateParams(
-            packed_dir=str(packed), latents_dir=str(latents), embeddings=str(embeddings), unet=str(tmp_path / "unet"),
+        params = section_params(
+            "evaluate", packed_dir=str(packed), latents_dir=str(latents), embeddings=str(embeddings), unet=str(tmp_path / "unet"),
             metrics=str(out / "evaluate.json"), previews_dir=str(out / "previews"), view_sets=(0,),
             render_resolution=16, steps=2, rasterizer="torch", device="cpu",
         )
-        evaluate(params, {"source": "tiny", "seed": 0}, resolution=32, log=lambda *_: None)
+        evaluate(params, models_params(), resolution=32, log=lambda *_: None)
     a, b = _files(tmp_path / "a"), _files(tmp_path / "b")
     assert "evaluate.json" in a and any(k.startswith("previews/") for k in a)
     assert a == b

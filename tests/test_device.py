@@ -11,12 +11,14 @@ val loss fed host inputs into the GPU UNet (tests below put both bugs back and w
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
+from project_config import models_params
 
 from chibisplat.device import resolve_device, to_device
 from device_guard import DeviceMix, FakeAccelerator, tagged
@@ -106,12 +108,13 @@ def accelerate_on_meta(monkeypatch):
 def _train_params(tmp_path, **kw):
     from test_train import fake_latent_dir
 
-    from chibisplat.training.train import TrainParams
+    from project_config import section_params
 
     latents, embeddings = fake_latent_dir(tmp_path, n_chars=2, size=4, render_res=8)
-    return TrainParams(latents_dir=str(latents), embeddings=str(embeddings), out_dir=str(tmp_path / "out"),
-                       metrics_dir=str(tmp_path / "metrics"), max_steps=1, batch_size=1, mode="lora",
-                       rendering_loss_prob=1.0, rasterizer="torch", checkpointing_steps=1, use_ema=True, **kw)
+    return section_params("train", latents_dir=str(latents), embeddings=str(embeddings), out_dir=str(tmp_path / "out"),
+                          metrics_dir=str(tmp_path / "metrics"), max_steps=1, batch_size=1, mode="lora",
+                          rendering_loss_prob=1.0, rasterizer="torch", checkpointing_steps=1, use_ema=True,
+                          lr=1.0e-4, lr_warmup_steps=0, ema_decay=0.9999, log_every=10, **kw)
 
 
 def test_train_stage_runs_on_an_accelerator_without_mixing(tmp_path, accelerate_on_meta):
@@ -120,7 +123,7 @@ def test_train_stage_runs_on_an_accelerator_without_mixing(tmp_path, accelerate_
     params = _train_params(tmp_path)
     logs = []
     with FakeAccelerator() as guard:
-        result = train(params, {"source": "tiny", "seed": 0}, log=logs.append)
+        result = train(params, models_params(), log=logs.append)
     assert result.steps == 1 and guard.ops > 1000
     assert any("render" in line and "step 1/1" in line for line in logs)  # the rendering loss ran on the device
     assert any("device meta" in line for line in logs)
@@ -135,7 +138,7 @@ def test_guard_catches_the_c2w_crash_of_the_first_gpu_run(tmp_path, accelerate_o
 
     monkeypatch.setattr(train_module, "device_micro_batch", inputs_only)
     with FakeAccelerator(), pytest.raises(DeviceMix) as e:
-        train_module.train(_train_params(tmp_path), {"source": "tiny", "seed": 0}, log=lambda *_: None)
+        train_module.train(_train_params(tmp_path), models_params(), log=lambda *_: None)
     assert any("splatter_to_gaussians" in str(f.name) for f in e.traceback)
 
 
@@ -144,13 +147,13 @@ def _eval_setup(tmp_path, **kw):
     from test_train import fake_latent_dir
 
     from chibisplat.models.sources import tiny_model_stack
-    from chibisplat.training.evaluate import EvaluateParams
+    from project_config import section_params
 
     packed = make_packed(tmp_path / "data", n=2, size=32, val_fraction=0.99)
     latents, embeddings = fake_latent_dir(tmp_path, n_chars=2, size=4, render_res=8)
     tiny_model_stack(0).unet.save_pretrained(str(tmp_path / "unet"))
-    return EvaluateParams(
-        packed_dir=str(packed), latents_dir=str(latents), embeddings=str(embeddings), unet=str(tmp_path / "unet"),
+    return section_params(
+        "evaluate", packed_dir=str(packed), latents_dir=str(latents), embeddings=str(embeddings), unet=str(tmp_path / "unet"),
         metrics=str(tmp_path / "evaluate.json"), previews_dir=str(tmp_path / "previews"), view_sets=(0,),
         render_resolution=16, steps=1, rasterizer="torch", device="meta", val_batches=1, **kw)
 
@@ -162,7 +165,7 @@ def test_evaluate_stage_runs_on_an_accelerator_without_mixing(tmp_path):
 
     params = _eval_setup(tmp_path, clip={"path": str(tiny_clip_folder(tmp_path / "clip"))})
     with FakeAccelerator() as guard:
-        metrics = evaluate(params, {"source": "tiny", "seed": 0}, resolution=32, log=lambda *_: None)
+        metrics = evaluate(params, models_params(), resolution=32, log=lambda *_: None)
     assert guard.ops > 1000 and metrics["val_diffusion_loss"] > 0
     assert metrics["clip_score"] is not None and metrics["clip_score_base"] is not None
 
@@ -174,11 +177,11 @@ def test_guard_catches_the_val_loss_crash(tmp_path, monkeypatch):
     monkeypatch.setattr(ev, "to_device", lambda obj, device, non_blocking=False: obj
                         if isinstance(obj, dict) and "unet_input" in obj else to_device(obj, device))
     with FakeAccelerator(), pytest.raises(DeviceMix, match="accelerator"):
-        ev.evaluate(_eval_setup(tmp_path), {"source": "tiny", "seed": 0}, resolution=32, log=lambda *_: None)
+        ev.evaluate(_eval_setup(tmp_path), models_params(), resolution=32, log=lambda *_: None)
 
 
 def test_generate_cli_runs_on_an_accelerator_without_mixing(tmp_path):
-    from project_config import project_params
+    from project_config import project_config, project_params
 
     from chibisplat.cli import TINY_NOTE, run_generate
     from chibisplat.models.sources import tiny_model_stack
@@ -189,7 +192,7 @@ def test_generate_cli_runs_on_an_accelerator_without_mixing(tmp_path):
     params["latents"]["resolution"] = 32
     logs = []
     with FakeAccelerator() as guard:
-        paths = run_generate(params, "a chibi", tmp_path / "out", log=logs.append, unet=str(tmp_path / "unet"),
+        paths = run_generate(project_config(params), "a chibi", tmp_path / "out", log=logs.append, unet=str(tmp_path / "unet"),
                              steps=1, turntable_frames=2, render_resolution=16, device="meta")
     assert guard.ops > 1000 and paths["ply"].is_file() and TINY_NOTE in logs
 
@@ -198,21 +201,23 @@ def test_generate_cli_runs_on_an_accelerator_without_mixing(tmp_path):
 def test_embed_latents_finetune_run_on_an_accelerator_without_mixing(tmp_path, accelerate_on_meta):
     from synthetic_renders import make_packed
 
-    from chibisplat.dataset.embeddings import EmbedParams, embed
-    from chibisplat.training.finetune import FinetuneParams, finetune
-    from chibisplat.training.latents import LatentParams, build_latents
+    from project_config import section_params
+
+    from chibisplat.dataset.embeddings import embed
+    from chibisplat.training.finetune import finetune
+    from chibisplat.training.latents import build_latents
 
     packed = make_packed(tmp_path / "data", n=2, size=32, val_fraction=0.5)
-    models = {"source": "tiny", "seed": 0}
+    models = models_params()
     with FakeAccelerator() as guard:
-        embed(EmbedParams(packed_dir=packed, out=tmp_path / "emb.parquet", device="meta",
+        embed(section_params("embed", packed_dir=packed, out=tmp_path / "emb.parquet", device="meta",
                           tiny_cache_dir=tmp_path / "te"), models, log=lambda *_: None)
-        finetune(FinetuneParams(gsrecon=True, gsvae=True, packed_dir=str(packed), out_dir=str(tmp_path / "ft"),
+        finetune(section_params("finetune", gsrecon_lr=4.0e-5, gsvae_lr=4.0e-5, gsrecon=True, gsvae=True, packed_dir=str(packed), out_dir=str(tmp_path / "ft"),
                                 metrics_dir=str(tmp_path / "ftm"), resolution=32, render_resolution=16,
                                 gsrecon_steps=1, gsvae_steps=1, gsvae_tiny_decoder_steps=1, rasterizer="torch",
                                 lr_scheduler="constant"), models, log=lambda *_: None)
-        summary = build_latents(LatentParams(packed_dir=packed, embeddings=tmp_path / "emb.parquet",
+        summary = build_latents(section_params("latents", packed_dir=packed, embeddings=tmp_path / "emb.parquet",
                                              out_dir=tmp_path / "lat", resolution=32, render_resolution=16,
                                              device="meta", view_sets=(0,)),
-                                {**models, "finetuned": str(tmp_path / "ft")}, log=lambda *_: None)
+                                dataclasses.replace(models, finetuned=tmp_path / "ft"), log=lambda *_: None)
     assert len(summary.encoded) == 2 and guard.ops > 1000

@@ -17,14 +17,14 @@ from project_config import REPO
 
 def test_opacity_threshold_is_zero_at_inference_and_in_the_ply():
     """DiffSplat's infer script: --opacity_threshold 0 and --opacity_threshold_ply 0 (keep opacity > 0)."""
-    from chibisplat.training.evaluate import EvaluateParams
-    from chibisplat.training.inference import GenerateParams
+    from chibisplat.config import config_from_params
 
     params = load_params(REPO / "params.yaml")
     for source in ("tiny", "pretrained"):
         p = {**params, "models": {**params["models"], "source": source}}
-        assert GenerateParams.from_params(p).opacity_threshold == 0.0, source
-        assert EvaluateParams.from_params(p).opacity_threshold == 0.0, source
+        cfg = config_from_params(p, ("generate", "evaluate", "latents", "models"))
+        assert cfg.generate.opacity_threshold == 0.0, source
+        assert cfg.evaluate.opacity_threshold == 0.0, source
 
 
 def test_cam_pose_distance_is_rescaled_like_the_cameras():

@@ -136,7 +136,7 @@ def copy_worktree(src: Path, dst: Path) -> None:
 
 
 # Small settings: 32 px / 1 sample renders; the training side (when present) a couple of steps on small latents.
-# Explicit keys win over the `presets:` of models.source (chibisplat/training/config.py).
+# Explicit keys win over the `presets:` of models.source (chibisplat/config.py).
 SMALL = {
     "latents": {"resolution": 64, "render_resolution": 32},
     "train": {"max_steps": 2, "checkpointing_steps": 2, "log_every": 1, "lr_warmup_steps": 0, "batch_size": 1},

@@ -9,8 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from chibisplat.training.evaluate import EvaluateParams, evaluate, psnr, ssim
+from project_config import models_params, section_params
 from test_train import fake_latent_dir
+
+from chibisplat.training.evaluate import evaluate, psnr, ssim
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -70,12 +72,12 @@ def test_evaluate_writes_metrics_and_previews(tmp_path):
     assert n_val >= 1
     latents, embeddings = fake_latent_dir(tmp_path)
     tiny_model_stack(0).unet.save_pretrained(str(tmp_path / "unet"))
-    params = EvaluateParams(
-        packed_dir=str(packed), latents_dir=str(latents), embeddings=str(embeddings),
+    params = section_params(
+        "evaluate", packed_dir=str(packed), latents_dir=str(latents), embeddings=str(embeddings),
         unet=str(tmp_path / "unet"), metrics=str(tmp_path / "evaluate.json"), previews_dir=str(tmp_path / "previews"),
         view_sets=(0,), render_resolution=32, steps=2, rasterizer="torch",
     )
-    metrics = evaluate(params, {"source": "tiny", "seed": 0}, resolution=64, log=lambda *_: None)
+    metrics = evaluate(params, models_params(), resolution=64, log=lambda *_: None)
     on_disk = json.loads((tmp_path / "evaluate.json").read_text())
     assert on_disk == metrics
     assert set(on_disk) >= {"recon_psnr", "recon_ssim", "recon_lpips", "recon_views", "val_diffusion_loss", "notes"}
@@ -87,9 +89,9 @@ def test_evaluate_writes_metrics_and_previews(tmp_path):
 
 
 def test_evaluate_view_sets_are_checked():
-    from project_config import project_params
+    from project_config import project_config, project_params
 
     params = project_params()
     params["evaluate"]["view_sets"] = [9]
     with pytest.raises(ValueError, match="view_sets"):
-        EvaluateParams.from_params(params)
+        project_config(params, validate=True)

@@ -10,6 +10,7 @@ import types
 
 import pytest
 import torch
+from project_config import project_config, project_params, section_params
 from safetensors.torch import load_file
 
 from chibisplat import cameras
@@ -253,13 +254,13 @@ def test_micro_batches_are_the_loops_draws(tmp_path):
     from chibisplat.models.sources import tiny_model_stack
     from chibisplat.training.latents import load_latent_set
     from chibisplat.training.objective import diffusion_step_inputs, noise_scheduler, sample_batch, step_generator
-    from chibisplat.training.train import MicroBatches, TrainParams, micro_batch_loader
+    from chibisplat.training.train import MicroBatches, micro_batch_loader
 
     latents, embeddings = fake_latent_dir(tmp_path)
     data = load_latent_set(latents, "train", embeddings)
     stack = tiny_model_stack(0)
     sched = noise_scheduler(stack)
-    p = TrainParams(max_steps=7, gradient_accumulation_steps=3, batch_size=2, rendering_loss_prob=0.5)
+    p = section_params("train", max_steps=7, gradient_accumulation_steps=3, batch_size=2, rendering_loss_prob=0.5)
     ds = MicroBatches(data, sched, stack.gsvae.scale_latents, p, rank=1, start=5, render_on=True)
     assert len(ds) == (7 - 5) * 3
     items = list(micro_batch_loader(ds, workers=2, pin_memory=False))
@@ -295,24 +296,23 @@ def test_bf16_autocast_step_is_close_to_float32(tmp_path):
 
 
 def test_mixed_precision_values_are_checked():
-    from project_config import project_params
+    import chibisplat.training.precision  # noqa: F401 (the schema checks the modes it defines once it is loaded)
 
-    from chibisplat.training.latents import LatentParams
-    from chibisplat.training.train import TrainParams
-
+    # One message per bad key, from the schema (chibisplat/config_schema.py), naming the allowed values.
     params = project_params()
     params["train"]["mixed_precision"] = "bfloat16"
-    with pytest.raises(ValueError, match=r"train.mixed_precision must be one of \['no', 'fp16', 'bf16'\]"):
-        TrainParams.from_params(params)
+    with pytest.raises(ValueError, match=r"train.mixed_precision = 'bfloat16' is not allowed .*; "
+                                         r"allowed: one of 'no', 'fp16', 'bf16'"):
+        project_config(params, ("train", "models"), validate=True)
     params["latents"]["mixed_precision"] = "half"
-    with pytest.raises(ValueError, match="latents.mixed_precision must be one of"):
-        LatentParams.from_params(params)
+    with pytest.raises(ValueError, match="latents.mixed_precision = 'half' is not allowed.*; allowed: one of"):
+        project_config(params, ("latents", "models"), validate=True)
     params["train"]["mixed_precision"] = "bf16"
     params["train"]["dataloader_workers"] = -1
-    with pytest.raises(ValueError, match="train.dataloader_workers must be >= 0"):
-        TrainParams.from_params(params)
+    with pytest.raises(ValueError, match=r"train.dataloader_workers = -1 is out of range; allowed: an integer >= 0"):
+        project_config(params, ("train", "models"), validate=True)
     params["latents"].update(mixed_precision="bf16", device="auto")
-    assert LatentParams.from_params(params).mixed_precision == "bf16"
+    assert project_config(params, ("latents", "models"), validate=True).latents.mixed_precision == "bf16"
 
 
 def test_bf16_on_a_gpu_without_bfloat16_says_use_fp16(monkeypatch):
@@ -336,19 +336,20 @@ def test_latents_encode_in_bf16_close_to_float32(tmp_path):
     from chibisplat.dataset.pack import packed_files
     from chibisplat.models.sources import tiny_model_stack
     from chibisplat.dataset.rows import shard_rows
-    from chibisplat.training.latents import LatentParams, cache_key, encode_character
+    from chibisplat.training.latents import cache_key, encode_character
 
     row = next(shard_rows(packed_files(make_packed(tmp_path, n=1, size=64), "train")[0]))
     stack = tiny_model_stack(0)
-    p32 = LatentParams(resolution=64, render_resolution=32, view_sets=(0, 6))  # one per ring: fast
-    p16 = LatentParams(resolution=64, render_resolution=32, view_sets=(0, 6), mixed_precision="bf16")
+    one_per_ring = dict(resolution=64, render_resolution=32, view_sets=(0, 6), device="cpu")  # fast
+    p32 = section_params("latents", **one_per_ring)
+    p16 = section_params("latents", **one_per_ring, mixed_precision="bf16")
     a, b = encode_character(stack, row, p32)["latents"], encode_character(stack, row, p16)["latents"]
     assert b.dtype == torch.float32
     rel = ((a - b).norm() / a.norm()).item()
     assert 0 < rel < 3e-2, rel
     assert cache_key(row, "m", p16) != cache_key(row, "m", p32)
-    assert cache_key(row, "m", p32) == cache_key(row, "m", LatentParams(resolution=64, render_resolution=32,
-                                                                       view_sets=(0, 6), mixed_precision="no"))
+    assert cache_key(row, "m", p32) == cache_key(row, "m", section_params("latents", **one_per_ring,
+                                                                         mixed_precision="no"))
 
 
 def _compiled_vs_eager(tmp_path, monkeypatch, backend: str):

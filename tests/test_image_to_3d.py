@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from project_config import project_params
+from project_config import models_params, project_config, project_params, section_params
 
 from chibisplat.models.sources import tiny_model_stack
 from chibisplat.training.image_condition import (
@@ -52,8 +52,8 @@ def _load_pretrained(monkeypatch, root, sd15, published, image_conditioned=True)
     tiny_vae_config = {k: v for k, v in published.gsvae.config.items() if not k.startswith("_")}
     monkeypatch.setattr(sources, "GSRecon", lambda: GSRecon(**sources.TINY_GSRECON))
     monkeypatch.setattr(sources, "GSAutoencoderKL", lambda: GSAutoencoderKL(**tiny_vae_config))
-    return sources.load_model_stack({"source": "pretrained", "image_conditioned": image_conditioned,
-                                     "diffsplat": {"path": str(root)}, "sd15": {"path": str(sd15)}, "finetuned": None})
+    return sources.load_model_stack(models_params(source="pretrained", image_conditioned=image_conditioned,
+                                                  diffsplat={"path": root}, sd15={"path": sd15}))
 
 
 def test_published_image_layout_loads_strictly_and_fails_on_a_wrong_key_or_shape(tmp_path, monkeypatch):
@@ -257,7 +257,7 @@ def tiny_image_data(tmp_path_factory):
     from synthetic_renders import make_packed
 
     from chibisplat.dataset.embeddings import embeddings_table
-    from chibisplat.training.latents import LatentParams, build_latents
+    from chibisplat.training.latents import build_latents
 
     root = tmp_path_factory.mktemp("image_data")
     packed = make_packed(root, n=5, size=64, val_fraction=0.5)  # chibi_04 in val (uid hash), the others in train
@@ -265,10 +265,9 @@ def tiny_image_data(tmp_path_factory):
     emb = torch.randn(6, 77, 768, generator=torch.Generator().manual_seed(0)).numpy().astype(np.float32)
     embeddings = root / "prompt_embeds.parquet"
     pq.write_table(embeddings_table([""] + captions, emb, "test-encoder"), embeddings)
-    params = LatentParams(packed_dir=packed, embeddings=embeddings, out_dir=root / "latents", resolution=32,
-                          render_resolution=32)
-    build_latents(params, {"source": "tiny", "seed": 0, "image_conditioned": True, "finetuned": None},
-                  log=lambda *_: None)
+    params = section_params("latents", packed_dir=packed, embeddings=embeddings, out_dir=root / "latents",
+                            resolution=32, render_resolution=32, device="cpu")
+    build_latents(params, models_params(image_conditioned=True), log=lambda *_: None)
     return root, packed, root / "latents", embeddings
 
 
@@ -284,7 +283,7 @@ def test_tiny_image_conditioned_fine_tune_loss_drops(tiny_image_data, tmp_path):
     from chibisplat.training.image_condition import object_condition_slots, packed_condition_images
     from chibisplat.protocol import EVEN_VIEW_SETS
     from chibisplat.training.latents import load_latent_set
-    from chibisplat.training.train import TrainParams, train
+    from chibisplat.training.train import train
 
     _, packed, latents, embeddings = tiny_image_data
     data = load_latent_set(latents, "train", embeddings)
@@ -295,12 +294,14 @@ def test_tiny_image_conditioned_fine_tune_loss_drops(tiny_image_data, tmp_path):
     steps = 40
     logs = []
     params = _params(tmp_path / "a", packed, latents, embeddings, max_steps=steps, checkpointing_steps=steps)
-    result = train(TrainParams.from_params(params), params["models"], log=logs.append)
+    cfg = project_config(params)
+    result = train(cfg.train, cfg.models, log=logs.append)
     assert any("condition views" in line for line in logs)
     # the same run with lr 0 draws the same batches, timesteps, noise and CFG drops: a like-for-like baseline
     frozen_params = _params(tmp_path / "b", packed, latents, embeddings, max_steps=steps, checkpointing_steps=steps,
                             lr=0.0)
-    frozen = train(TrainParams.from_params(frozen_params), frozen_params["models"], log=lambda *_: None)
+    frozen_cfg = project_config(frozen_params)
+    frozen = train(frozen_cfg.train, frozen_cfg.models, log=lambda *_: None)
     k = steps // 10
     first, last = sum(result.losses[:k]) / k, sum(result.losses[-k:]) / k
     f_last = sum(frozen.losses[-k:]) / k
@@ -364,15 +365,15 @@ def test_generate_image_with_a_text_unet_is_a_clear_error(tmp_path, capsys):
 def test_evaluate_image_model_previews_from_the_val_front_view(tiny_image_data, tmp_path):
     from safetensors import safe_open
 
-    from chibisplat.training.evaluate import EvaluateParams, evaluate
+    from chibisplat.training.evaluate import evaluate
 
     _, packed, latents, embeddings = tiny_image_data
-    models = {"source": "tiny", "seed": 0, "image_conditioned": True, "finetuned": None}
+    models = models_params(image_conditioned=True)
     tiny_model_stack(0, image_conditioned=True).unet.save_pretrained(str(tmp_path / "unet"))  # = the base UNet
-    params = EvaluateParams(
-        packed_dir=str(packed), latents_dir=str(latents), embeddings=str(embeddings), unet=str(tmp_path / "unet"),
-        metrics=str(tmp_path / "evaluate.json"), previews_dir=str(tmp_path / "previews"), view_sets=(0,),
-        render_resolution=32, steps=2, rasterizer="torch", val_batches=2,
+    params = section_params(
+        "evaluate", packed_dir=str(packed), latents_dir=str(latents), embeddings=str(embeddings),
+        unet=str(tmp_path / "unet"), metrics=str(tmp_path / "evaluate.json"), previews_dir=str(tmp_path / "previews"),
+        view_sets=(0,), render_resolution=32, steps=2, rasterizer="torch", val_batches=2,
     )
     logs = []
     metrics = evaluate(params, models, resolution=32, log=logs.append)

@@ -1,8 +1,11 @@
 """Model sources (tiny / pretrained) and the tiny end-to-end pipeline."""
 
+import dataclasses
+
 import pytest
 import torch
 from diffusers import DDPMScheduler
+from project_config import models_params
 
 from chibisplat.geometry import normalised_intrinsics, opengl_to_opencv_camera, orbit_camera, pixel_K
 from chibisplat.models.gsdiff import mv_unet_input, plucker_condition
@@ -20,16 +23,17 @@ def test_tiny_stack_is_deterministic():
 
 
 def test_pretrained_missing_says_how_to_fetch(tmp_path):
-    cfg = {"source": "pretrained", "diffsplat": {"repo": "chenguolin/DiffSplat", "revision": "main", "path": str(tmp_path / "nope")}}
+    cfg = models_params(source="pretrained",
+                        diffsplat={"repo": "chenguolin/DiffSplat", "revision": "main", "path": str(tmp_path / "nope")})
     with pytest.raises(ModelSourceError, match="huggingface-cli download chenguolin/DiffSplat") as e:
         load_model_stack(cfg)
     assert "snapshot_download" in str(e.value) and "gsrecon_gobj265k_cnp_even4" in str(e.value)
     (tmp_path / "empty").mkdir()
-    cfg["diffsplat"]["path"] = str(tmp_path / "empty")
+    cfg = dataclasses.replace(cfg, diffsplat=dataclasses.replace(cfg.diffsplat, path=tmp_path / "empty"))
     with pytest.raises(ModelSourceError, match="lacks"):
         load_model_stack(cfg)
     with pytest.raises(ValueError, match="models.source"):
-        load_model_stack({"source": "huge"})
+        load_model_stack(models_params(source="huge"))
 
 
 def test_tiny_end_to_end_views_to_render():
@@ -96,8 +100,7 @@ def test_pretrained_source_loads_a_complete_published_layout(tmp_path, monkeypat
     tiny_vae_config = {k: v for k, v in published.gsvae.config.items() if not k.startswith("_")}
     monkeypatch.setattr(sources, "GSRecon", lambda: GSRecon(**sources.TINY_GSRECON))
     monkeypatch.setattr(sources, "GSAutoencoderKL", lambda: GSAutoencoderKL(**tiny_vae_config))
-    stack = load_model_stack({"source": "pretrained", "diffsplat": {"path": str(root)}, "sd15": {"path": str(sd15)},
-                              "finetuned": None})
+    stack = load_model_stack(models_params(source="pretrained", diffsplat={"path": root}, sd15={"path": sd15}))
     assert stack.source == "pretrained" and stack.sd15_path == sd15
     for name in ("gsrecon", "gsvae", "unet"):
         want, got = getattr(published, name).state_dict(), getattr(stack, name).state_dict()

@@ -253,3 +253,12 @@ def test_the_protocol_imports_numpy_only():
     imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     imported |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
     assert imported == {"__future__", "numpy"}
+
+
+def test_the_lora_adapter_is_configured_in_one_place():
+    """``train.lora_config`` builds the adapter for training, parameter counts, checkpoints and the benchmarks."""
+    home = REPO / "chibisplat" / "training" / "train.py"
+    found = {str(p.relative_to(REPO)): [n for n, code in logical_lines(p.read_text()) if re.search(r"\bLoraConfig \(", code)]
+             for p in SCANNED}
+    assert {k: v for k, v in found.items() if v} == {str(home.relative_to(REPO)): found[str(home.relative_to(REPO))]}
+    assert len(found[str(home.relative_to(REPO))]) == 1

@@ -212,19 +212,21 @@ def test_ray_latents_equal_local_latents_byte_for_byte_and_ship_only_what_change
     from chibisplat.dataset import schema
     from chibisplat.dataset.embeddings import embeddings_table
     from chibisplat.dataset.pack import packed_files
-    from chibisplat.training.latents import LatentParams, build_latents
+    from project_config import models_params, section_params
+
+    from chibisplat.training.latents import build_latents
 
     packed = make_packed(tmp_path, n=3, size=16)
     captions = sorted({c for f in packed_files(packed) for c in pq.read_table(f).column(schema.CAPTION).to_pylist()})
     embeddings = tmp_path / "prompt_embeds.parquet"
     pq.write_table(embeddings_table([""] + captions, np.zeros((len(captions) + 1, 77, 768), np.float32), "zeros"),
                    embeddings)
-    models = {"source": "tiny", "seed": 0}
+    models = models_params()
     cfg = ExecutorConfig(stage="latents", executor="ray", workers=2, num_cpus=1, num_gpus=None, worker_device="cpu")
 
     def params(name):
-        return LatentParams(packed_dir=packed, embeddings=embeddings, out_dir=tmp_path / name, resolution=16,
-                            render_resolution=8, view_sets=(0, 6))
+        return section_params("latents", packed_dir=packed, embeddings=embeddings, out_dir=tmp_path / name,
+                              resolution=16, render_resolution=8, view_sets=(0, 6), device="cpu")
 
     local = build_latents(params("local"), models, log=lambda *_: None)
     lines: list[str] = []

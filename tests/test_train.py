@@ -75,31 +75,30 @@ def test_even_view_sets_are_published_ones():
 
 
 def test_presets_follow_models_source_and_explicit_keys_win():
-    from chibisplat.training.config import resolved_section
-    from chibisplat.training.train import TrainParams
+    from project_config import project_config
 
     # Declared in params.yaml (committed as null = the preset's value), so `dvc exp run -S train.lr=...` finds the key.
     assert "lr" in parse_params(REPO / "params.yaml")["train"]
     params = project_params()
     assert params["train"]["lr"] is None and params["models"]["source"] == "tiny"
-    tiny = TrainParams.from_params(params)
+    tiny = project_config(params).train
     assert tiny.lr == params["train"]["presets"]["tiny"]["lr"]
     params["models"]["source"] = "pretrained"
-    pre = TrainParams.from_params(params)
+    pre = project_config(params).train
     assert (tiny.mode, pre.mode) == ("full", "lora") and pre.mixed_precision == "bf16" and pre.batch_size == 8
     assert not pre.gradient_checkpointing and pre.fused_adamw and pre.ema_foreach and pre.lr == 1e-4  # GPU levers
     params["train"]["lr"] = 3e-4
-    assert TrainParams.from_params(params).lr == 3e-4
-    assert resolved_section(params, "latents")["resolution"] == 256
+    assert project_config(params).train.lr == 3e-4
+    assert project_config(params).latents.resolution == 256
 
 
 def test_old_finetune_switches_in_train_point_to_the_finetune_stage():
-    from chibisplat.training.train import TrainParams
+    from project_config import project_config
 
     params = project_params()
     params["train"]["finetune_gsvae"] = True
     with pytest.raises(KeyError, match="finetune.gsrecon / finetune.gsvae"):
-        TrainParams.from_params(params)
+        project_config(params, validate=True)
 
 
 def test_latent_cache_shapes_from_packed_rows(tmp_path):
@@ -109,11 +108,13 @@ def test_latent_cache_shapes_from_packed_rows(tmp_path):
     from chibisplat.dataset.pack import packed_files
     from chibisplat.models.sources import tiny_model_stack
     from chibisplat.dataset.rows import shard_rows
-    from chibisplat.training.latents import LatentParams, encode_character
+    from project_config import section_params
+
+    from chibisplat.training.latents import encode_character
 
     files = packed_files(make_packed(tmp_path, n=1, size=64), "train")
     row = next(shard_rows(files[0]))
-    out = encode_character(tiny_model_stack(0), row, LatentParams(resolution=64, render_resolution=32))
+    out = encode_character(tiny_model_stack(0), row, section_params("latents", resolution=64, render_resolution=32, device="cpu"))
     assert out["latents"].shape == (9, 4, 4, 8, 8) and out["latents"].dtype == torch.float32
     assert out["C2W"].shape == (9, 8, 4, 4) and out["fxfycxcy"].shape == (9, 8, 4)
     assert out["target_rgba"].shape == (9, 8, 4, 32, 32) and out["target_rgba"].dtype == torch.uint8
@@ -201,7 +202,9 @@ def test_rendering_loss_backpropagates_with_lpips(tmp_path):
     from chibisplat.models.sources import tiny_model_stack
     from chibisplat.training.latents import load_latent_set
     from chibisplat.training.objective import diffusion_step_inputs, noise_scheduler, sample_batch, step_generator
-    from chibisplat.training.train import TrainParams, training_step
+    from project_config import section_params
+
+    from chibisplat.training.train import training_step
 
     latents, embeddings = fake_latent_dir(tmp_path, render_res=16)
     data = load_latent_set(latents, "train", embeddings)
@@ -213,7 +216,7 @@ def test_rendering_loss_backpropagates_with_lpips(tmp_path):
     unet = stack.unet.train()
     lp = load_lpips(random_lpips_file(tmp_path / "lpips.safetensors"))
     out = training_step(unet, batch, inputs, sched, stack.gsvae.requires_grad_(False), lp,
-                        TrainParams(rasterizer="torch"), render=True)
+                        section_params("train", rasterizer="torch"), render=True)
     assert set(out) >= {"loss", "diffusion_loss", "render_loss", "render_lpips"}
     out["loss"].backward()
     grads = [p.grad for p in unet.parameters() if p.grad is not None]
@@ -221,9 +224,12 @@ def test_rendering_loss_backpropagates_with_lpips(tmp_path):
 
 
 def run_train(params: dict, **kw):
-    from chibisplat.training.train import TrainParams, train
+    from project_config import project_config
 
-    return train(TrainParams.from_params(params), params["models"], log=lambda *_: None, **kw)
+    from chibisplat.training.train import train
+
+    cfg = project_config(params)
+    return train(cfg.train, cfg.models, log=lambda *_: None, **kw)
 
 
 def test_tiny_training_loss_drops_and_frozen_does_not(tmp_path):
@@ -260,12 +266,14 @@ def test_micro_batches_are_a_function_of_rank_step_and_micro_batch(tmp_path):
 
     from chibisplat.training.latents import load_latent_set
     from chibisplat.training.objective import noise_scheduler, sample_batch, step_generator
-    from chibisplat.training.train import MicroBatches, TrainParams
+    from project_config import section_params
+
+    from chibisplat.training.train import MicroBatches
 
     latents, embeddings = fake_latent_dir(tmp_path)
     data = load_latent_set(latents, "train", embeddings)
     sched = noise_scheduler(SimpleNamespace(sd15_path=None))
-    p = TrainParams(seed=7, max_steps=5, batch_size=2, gradient_accumulation_steps=2, cfg_dropout=0.0)
+    p = section_params("train", seed=7, max_steps=5, batch_size=2, gradient_accumulation_steps=2, cfg_dropout=0.0)
     ident = lambda z: z
     ranks = [MicroBatches(data, sched, ident, p, rank, 0, False) for rank in (0, 1)]
     resumed = MicroBatches(data, sched, ident, p, 1, 3, False)

@@ -26,8 +26,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
 from torch.utils.data import IterableDataset, get_worker_info
@@ -35,23 +33,27 @@ from torch.utils.data import IterableDataset, get_worker_info
 from chibisplat import cameras, geometry
 from chibisplat.dataset import schema
 from chibisplat.dataset.embeddings import read_embeddings
+from chibisplat.dataset.rows import packed_rows, row_groups
 from chibisplat.identity import sha256_text
 from chibisplat.png import decode_png
+from chibisplat.protocol import (
+    CAMERA_AXIS_FLIP, CANONICAL_RADIUS, DUPLICATE_SLOTS, NUM_INPUT_VIEWS, NUM_RENDER_VIEWS, NUM_SLOTS, RING_A,
+    RING_A_PROBABILITY, RING_B, TOP_DOWN_SLOTS, even_views,
+)
 
-_READ_COLUMNS = [schema.UID, schema.CAPTION, schema.IMAGES, schema.NORMAL_DEPTH, schema.CAMERAS]
-_CV_TO_GL_CAMERA = torch.diag(torch.tensor([1.0, -1.0, -1.0], dtype=torch.float64))
+_CV_TO_GL_CAMERA = torch.tensor(CAMERA_AXIS_FLIP[:3, :3])  # (3, 3) float64: OpenCV <-> OpenGL camera axes
 
 
 @dataclass(frozen=True)
 class ViewConfig:
     """DiffSplat's view sampling and image settings (``load_even_views=True``)."""
 
-    num_views: int = 8
-    num_input_views: int = 4
+    num_views: int = NUM_RENDER_VIEWS
+    num_input_views: int = NUM_INPUT_VIEWS
     resolution: int = 256
-    ring_a_prob: float = 2.0 / 3.0  # else ring B
+    ring_a_prob: float = RING_A_PROBABILITY  # else ring B
     exclude_topdown_views: bool = False
-    norm_radius: float = 1.4  # distance of the first input view after rescaling
+    norm_radius: float = CANONICAL_RADIUS  # distance of the first input view after rescaling
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -62,17 +64,12 @@ def pick_views(rng: random.Random, config: ViewConfig = ViewConfig()) -> list[in
     """Slot indices: ``num_input_views`` even views 90 degrees apart on ring A (p = 2/3) or ring B, then the others
     from a random permutation without the inputs and the duplicate slots 24, 39 (repeated if too few)."""
     v_in = config.num_input_views
-    if rng.random() < config.ring_a_prob:
-        ring = cameras.RING_A
-    else:
-        ring = cameras.RING_B
-    step = len(ring) // v_in
-    i0 = rng.randrange(len(ring))
-    inputs = [ring[(i0 + step * k) % len(ring)] for k in range(v_in)]
-    excluded = set(inputs) | set(cameras.DUPLICATE_SLOTS)
+    ring = RING_A if rng.random() < config.ring_a_prob else RING_B
+    inputs = list(even_views(ring, rng.randrange(len(ring)), v_in))
+    excluded = set(inputs) | set(DUPLICATE_SLOTS)
     if config.exclude_topdown_views:
-        excluded |= {cameras.TOP_DOWN, cameras.BOTTOM_UP}
-    others = [i for i in range(cameras.NUM_VIEWS) if i not in excluded]
+        excluded |= set(TOP_DOWN_SLOTS)
+    others = [i for i in range(NUM_SLOTS) if i not in excluded]
     rng.shuffle(others)
     need = config.num_views - v_in
     while len(others) < need:
@@ -84,7 +81,7 @@ def pick_views(rng: random.Random, config: ViewConfig = ViewConfig()) -> list[in
 # One object.
 
 
-def canonical_cameras(c2w_blender: np.ndarray, norm_radius: float = 1.4) -> dict[str, torch.Tensor]:
+def canonical_cameras(c2w_blender: np.ndarray, norm_radius: float = CANONICAL_RADIUS) -> dict[str, torch.Tensor]:
     """Contract cameras (V, 4, 4) (Blender world, OpenCV camera) -> DiffSplat's canonical cameras.
 
     Returns float64 tensors: ``C2W`` (V, 4, 4) OpenGL world + OpenCV camera, scaled so view 0 is at
@@ -184,45 +181,6 @@ class PromptEmbeddings:
         return self[""]
 
 
-class _Views:
-    """The 40 values of one row's list column, copied out of Arrow one view at a time."""
-
-    def __init__(self, values):
-        self.values = values
-
-    def __getitem__(self, i: int):
-        return self.values[i].as_py()
-
-    def __len__(self) -> int:
-        return len(self.values)
-
-
-class _NormalDepthViews:
-    """The 40 views of one row's ``normal_depth``, each copied out of Arrow as its 4 channel PNGs when picked."""
-
-    def __init__(self, cell):
-        self.values = cell.values  # FixedSizeListArray: one entry of 4 Image structs per view
-        if not pa.types.is_fixed_size_list(self.values.type):
-            raise ValueError("packed with an older layout (normal_depth as RGBA PNGs); re-run the pack stage "
-                             "(dvc repro pack)")
-
-    def __getitem__(self, i: int) -> list[bytes]:
-        return self.values[i].values.field("bytes").to_pylist()
-
-    def __len__(self) -> int:
-        return len(self.values)
-
-
-def normal_depth_views(cell) -> _NormalDepthViews:
-    """A packed row's ``normal_depth`` list (an Arrow list scalar) -> views indexable by slot (for :func:`object_views`)."""
-    return _NormalDepthViews(cell)
-
-
-def row_groups(files: list[Path]) -> list[tuple[str, int]]:
-    """Every (file, row group) of the shards, in file order."""
-    return [(str(f), g) for f in sorted(map(Path, files)) for g in range(pq.ParquetFile(f).metadata.num_row_groups)]
-
-
 class PackedViewsDataset(IterableDataset):
     """Streams DiffSplat training objects from packed shards (see the module docstring).
 
@@ -282,26 +240,11 @@ class PackedViewsDataset(IterableDataset):
         readers = self.world_size * num_workers
         me = self.rank * num_workers + worker
         if len(units) >= readers:
-            yield from self._rows(units[me::readers])
+            yield from packed_rows(units[me::readers])
             return
-        rows = list(self._rows(units))
+        rows = list(packed_rows(units))
         mine = rows[me :: readers] or [rows[me % len(rows)]]  # never leave a reader empty: it would stall DDP
         yield from mine
-
-    def _rows(self, units: list[tuple[str, int]]):
-        for path, group in units:
-            table = pq.ParquetFile(path).read_row_group(group, columns=_READ_COLUMNS).combine_chunks()
-            uids, captions = table.column(schema.UID).to_pylist(), table.column(schema.CAPTION).to_pylist()
-            images, nds, cams = (table.column(c).chunk(0) for c in (schema.IMAGES, schema.NORMAL_DEPTH, schema.CAMERAS))
-            for k in range(table.num_rows):
-                # Views stay in Arrow until picked: a step decodes 8 of the 40 views, so only those are copied out.
-                yield {
-                    schema.UID: uids[k],
-                    schema.CAPTION: captions[k],
-                    schema.IMAGES: _Views(images[k].values.field("bytes")),
-                    schema.NORMAL_DEPTH: normal_depth_views(nds[k]),
-                    schema.CAMERAS: _Views(cams[k].values),
-                }
 
     def __iter__(self):
         info = get_worker_info()

@@ -180,10 +180,6 @@ def _load_folder(folder: Path, device: str):
 
 def load_text_encoder(models: ModelsParams, cache_dir: Path, tiny_seed: int = 0, device: str = "cpu") -> TextEncoder:
     """The text encoder that params.yaml ``models:`` selects (``source: tiny | pretrained``)."""
-    if isinstance(models, dict):  # TRANSITION: chibisplat/cli.py passes the raw section until it is converted
-        from chibisplat.config import build
-
-        models = build(ModelsParams, models, "models")
     if models.tiny:
         return load_tiny(cache_dir, tiny_seed, device)
     folder = sd15_folder(models, TEXT_ENCODER_REQUIRED)

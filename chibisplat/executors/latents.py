@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import time
 
+from chibisplat.config import ModelsParams
 from chibisplat.executors import ExecutorConfig, ExecutorError, RunStats, node_label, node_of, ray_session
 
 
@@ -25,7 +26,7 @@ def plain_row(row: dict) -> dict:
 class LatentEncoder:
     """An encoder actor (one per worker, holding GSRecon + GSVAE); created with ``ray.remote``. Runs on the node."""
 
-    def __init__(self, models_cfg: dict, params, device: str, models_id: str, threads: int):
+    def __init__(self, models_cfg: ModelsParams, params, device: str, models_id: str, threads: int):
         import torch
 
         from chibisplat.device import resolve_device, to_device
@@ -50,7 +51,7 @@ class LatentEncoder:
         return self.node, encode_character(self.stack, row, self.params)
 
 
-def latent_encoder(cfg: ExecutorConfig | None, encode_local, params, models_cfg: dict, models_id: str, log=print):
+def latent_encoder(cfg: ExecutorConfig | None, encode_local, params, models_cfg: ModelsParams, models_id: str, log=print):
     """The encoder ``build_latents`` submits stale rows to: :class:`LocalLatents` (``encode_local(row)`` in this
     process) or :class:`RayLatents` for ``cluster.latents.executor: ray``."""
     if cfg is None or not cfg.is_ray:
@@ -80,7 +81,7 @@ class RayLatents:
     """Rows go to ``cfg.workers`` encoder actors (bounded in flight); ``done(tensors)`` installs each result in the
     driver as it arrives (the caller's atomic write)."""
 
-    def __init__(self, cfg: ExecutorConfig, params, models_cfg: dict, device: str, models_id: str, log=print):
+    def __init__(self, cfg: ExecutorConfig, params, models_cfg: ModelsParams, device: str, models_id: str, log=print):
         self.cfg, self.log = cfg, log
         self.stats = RunStats(kind="ray")
         self._session = ray_session(cfg, log)

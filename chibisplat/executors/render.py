@@ -84,7 +84,7 @@ def render_on_ray(todo, cfg: ExecutorConfig, make_job, out_dir: Path, scratch: P
 
     ``make_job(asset, source_sha, external, threads)`` -> the local job dict of one character. Returns the
     per-character result entries (the same dicts the local path returns) and the :class:`RunStats`."""
-    from chibisplat.files import install_folder
+    from chibisplat.files import install_folder, write_atomic
 
     stats = RunStats(kind="ray")
     results: list[dict] = []
@@ -132,7 +132,7 @@ def render_on_ray(todo, cfg: ExecutorConfig, make_job, out_dir: Path, scratch: P
                     result, where = out["result"], node_label(out["node"])
                     stats.nodes[where] = stats.nodes.get(where, 0) + 1
                     Path(job["log"]).parent.mkdir(parents=True, exist_ok=True)
-                    Path(job["log"]).write_bytes(out["log"])
+                    write_atomic(Path(job["log"]), out["log"])  # a killed driver leaves no half log
                     if result["status"] == "rendered":
                         stats.bytes_received += sum(map(len, out["files"].values()))
                         staged = scratch / "tmp" / f"{asset.uid}.{os.getpid()}"

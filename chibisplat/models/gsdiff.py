@@ -197,11 +197,11 @@ def load_mv_unet(folder: Path) -> UNet2DConditionModel:
     if "mid_block_type" in config and config["mid_block_type"] is not None:
         config["mid_block_type"] = DIFFSPLAT_BLOCK_NAMES.get(config["mid_block_type"], config["mid_block_type"])
     unet = empty_model(lambda: build_mv_unet(config))  # no random init of 860M parameters before the load
-    load_state_dict_strict(unet, _read_diffusers_weights(folder), str(folder), assign=True)
+    load_state_dict_strict(unet, read_diffusers_weights(folder), str(folder), assign=True)
     return unet.eval()
 
 
-def _read_diffusers_weights(folder: Path) -> dict[str, Tensor]:
+def read_diffusers_weights(folder: Path) -> dict[str, Tensor]:
     single = folder / "diffusion_pytorch_model.safetensors"
     if single.is_file():
         return load_file(str(single))

@@ -12,7 +12,9 @@ CPU-only machines. Configuration is params.yaml's ``models:`` section::
       diffsplat: {repo: chenguolin/DiffSplat, revision: <commit>, path: models/diffsplat}
 
 Nothing is downloaded here (the machines that train have no internet): ``path`` is a local folder, or the
-file is looked up in the Hugging Face cache at the pinned revision with ``local_files_only``.
+file is looked up in the Hugging Face cache at the pinned revision with ``local_files_only``
+(chibisplat/models/hub.py, which the text encoder shares). ``models:`` arrives typed
+(:class:`chibisplat.config.ModelsParams`); ``models.tiny`` is the one tiny/pretrained switch.
 """
 
 from __future__ import annotations
@@ -24,23 +26,23 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 
+from chibisplat.config import ModelsParams, plain
 from chibisplat.models.checkpoints import empty_model, load_accelerate_checkpoint, load_state_dict_strict
 from chibisplat.models.gsdiff import (
-    SD15_UNET_CONFIG, _read_diffusers_weights, build_mv_unet, load_mv_unet, mv_unet_config, mv_unet_in_channels,
+    SD15_UNET_CONFIG, read_diffusers_weights, build_mv_unet, load_mv_unet, mv_unet_config, mv_unet_in_channels,
     widen_conv_in,
 )
 from chibisplat.models.gsrecon import GSRecon
 from chibisplat.models.gsvae import GSAutoencoderKL, sd15_vae, taesd
+from chibisplat.models.hub import (  # noqa: F401 (SD15_*, ModelSourceError: imported from here too)
+    SD15_SUBFOLDERS, SD15_VAE_SUBFOLDER, ModelSourceError, resolve_snapshot, sd15_folder,
+)
 
-SD15_REPO = "stable-diffusion-v1-5/stable-diffusion-v1-5"
-DIFFSPLAT_REPO = "chenguolin/DiffSplat"
 GSRECON_TAG = "gsrecon_gobj265k_cnp_even4"
 GSVAE_TAG = "gsvae_gobj265k_sd"
 GSDIFF_UNET_SUBDIR = "gsdiff_gobj83k_sd15__render/checkpoints/013020/unet_ema"
 # The image-conditioned SD1.5 model (conv_in 11 = latent 4 + Plücker 6 + binary mask 1; docs/image-to-3d.md §1).
 GSDIFF_IMAGE_UNET_SUBDIR = "gsdiff_gobj83k_sd15_image__render/checkpoints/013020/unet_ema"
-SD15_VAE_SUBFOLDER = "vae"  # SD1.5's RGB image VAE: encodes the condition image of the image model
-SD15_SUBFOLDERS = ("unet", "vae", "scheduler", "tokenizer", "text_encoder")
 
 # Tiny widths: every module keeps its published structure (patchify, VAE downsampling x8, TAESD x8
 # upsampling, cross-attention to 77 x 768 prompts); only channel widths and depths shrink.
@@ -71,72 +73,25 @@ class ModelStack:
     image_vae: AutoencoderKL | None = None
 
 
-class ModelSourceError(FileNotFoundError):
-    pass
-
-
-def _hf_download_hint(repo: str, revision: str | None, patterns: list[str] | None, target: str) -> str:
-    rev = f" --revision {revision}" if revision else ""
-    inc = "".join(f" --include '{p}'" for p in patterns or [])
-    py_patterns = f", allow_patterns={patterns!r}" if patterns else ""
-    py_rev = f", revision={revision!r}" if revision else ""
-    return (
-        f"On a machine with internet run either\n"
-        f"  huggingface-cli download {repo}{rev}{inc} --local-dir {target}\n"
-        f"or\n"
-        f"  python -c \"from huggingface_hub import snapshot_download; "
-        f"snapshot_download({repo!r}{py_rev}{py_patterns}, local_dir={target!r})\"\n"
-        f"then copy {target} here and set its path in params.yaml (models.*.path), or fill the Hugging Face "
-        f"cache (HF_HOME) with the same revision."
-    )
-
-
-def resolve_snapshot(spec: dict, patterns: list[str], default_repo: str, required: list[str]) -> Path:
-    """Local folder for a Hugging Face repo: ``spec['path']`` if set, else the HF cache at ``spec['revision']``.
-
-    ``required`` are relative paths that must exist inside; a missing one raises :class:`ModelSourceError`
-    naming the exact download command.
-    """
-    repo = spec.get("repo") or default_repo
-    revision = spec.get("revision")
-    target = spec.get("path") or f"models/{repo.split('/')[-1]}"
-    hint = _hf_download_hint(repo, revision, patterns, target)
-    if spec.get("path"):
-        folder = Path(spec["path"])
-        if not folder.is_dir():
-            raise ModelSourceError(f"{folder} (models path for {repo}) does not exist.\n{hint}")
-    else:
-        from huggingface_hub import snapshot_download
-
-        try:
-            folder = Path(snapshot_download(repo, revision=revision, allow_patterns=patterns, local_files_only=True))
-        except Exception as e:  # the hub raises several types for "not in the cache"
-            raise ModelSourceError(f"{repo}@{revision} is not in the Hugging Face cache ({type(e).__name__}).\n{hint}") from None
-    missing = [r for r in required if not (folder / r).exists()]
-    if missing:
-        raise ModelSourceError(f"{folder} lacks {', '.join(missing)} ({repo}@{revision}).\n{hint}")
-    return folder
-
-
 def gsdiff_unet_subdir(image_conditioned: bool) -> str:
     """The published UNet folder of the text (conv_in 10) or the image-conditioned (conv_in 11) model."""
     return GSDIFF_IMAGE_UNET_SUBDIR if image_conditioned else GSDIFF_UNET_SUBDIR
 
 
-def diffsplat_folder(models_cfg: dict) -> Path:
+def diffsplat_folder(models: ModelsParams) -> Path:
     """The folder holding the three published DiffSplat SD1.5 checkpoints (the UNet of ``models.image_conditioned``)."""
-    unet_dir = gsdiff_unet_subdir(bool(models_cfg.get("image_conditioned", False)))
+    unet_dir = gsdiff_unet_subdir(models.image_conditioned)
     patterns = [f"{GSRECON_TAG}/*", f"{GSVAE_TAG}/*", f"{unet_dir}/*"]
     required = [f"{GSRECON_TAG}/checkpoints", f"{GSVAE_TAG}/checkpoints", f"{unet_dir}/config.json"]
-    return resolve_snapshot(models_cfg.get("diffsplat", {}), patterns, DIFFSPLAT_REPO, required)
+    return resolve_snapshot(models.diffsplat, patterns, required, "models.diffsplat")
 
 
-def sd15_folder(models_cfg: dict) -> Path:
-    patterns = [f"{s}/*" for s in SD15_SUBFOLDERS]
+def sd15_stack_folder(models: ModelsParams) -> Path:
+    """The SD1.5 folder with what the model stack reads (the scheduler; the image model's VAE)."""
     required = ["unet/config.json", "scheduler/scheduler_config.json"]
-    if models_cfg.get("image_conditioned", False):
+    if models.image_conditioned:
         required.append(f"{SD15_VAE_SUBFOLDER}/config.json")
-    return resolve_snapshot(models_cfg.get("sd15", {}), patterns, SD15_REPO, required)
+    return sd15_folder(models, required)
 
 
 def load_image_vae(folder: Path) -> AutoencoderKL:
@@ -148,7 +103,7 @@ def load_image_vae(folder: Path) -> AutoencoderKL:
                                f"(models.sd15 must include its {SD15_VAE_SUBFOLDER}/ folder)")
     config = AutoencoderKL.extract_init_dict(json.loads(config_path.read_text()))[0]
     vae = empty_model(lambda: AutoencoderKL(**config))
-    load_state_dict_strict(vae, _read_diffusers_weights(folder), str(folder), assign=True)
+    load_state_dict_strict(vae, read_diffusers_weights(folder), str(folder), assign=True)
     return vae.eval()
 
 
@@ -172,14 +127,15 @@ def tiny_model_stack(seed: int = 0, image_conditioned: bool = False) -> ModelSta
     return ModelStack("tiny", gsrecon.eval(), gsvae.eval(), unet.eval(), None, image_vae)
 
 
-def pretrained_model_stack(models_cfg: dict, with_unet: bool = True, with_image_vae: bool | None = None) -> ModelStack:
+def pretrained_model_stack(models: ModelsParams, with_unet: bool = True,
+                           with_image_vae: bool | None = None) -> ModelStack:
     """The published DiffSplat SD1.5 stack, strictly loaded: the text-conditioned UNet (conv_in 10), or with
     ``models.image_conditioned`` the image-conditioned one (conv_in 11) plus SD1.5's RGB VAE for the condition image.
     ``with_unet=False`` leaves ``unet`` None (the finetune and latents stages use only GSRecon and the GSVAE), and
     ``image_vae`` too unless ``with_image_vae`` (default: ``with_unet``)."""
-    image_conditioned = bool(models_cfg.get("image_conditioned", False))
-    root = diffsplat_folder(models_cfg)
-    sd15 = sd15_folder(models_cfg)
+    image_conditioned = models.image_conditioned
+    root = diffsplat_folder(models)
+    sd15 = sd15_stack_folder(models)
     gsrecon = empty_model(GSRecon)
     load_accelerate_checkpoint(gsrecon, root / GSRECON_TAG, assign=True)
     gsvae = empty_model(GSAutoencoderKL)
@@ -207,45 +163,38 @@ def check_unet_conditioning(unet: UNet2DConditionModel, image_conditioned: bool,
             "set models.image_conditioned to match, or point at a UNet trained with it (dvc repro train)")
 
 
-def sd15_mv_unet(models_cfg: dict, image_conditioned: bool = False) -> UNet2DConditionModel:
-    """SD1.5's UNet widened for GSDiff (to train GSDiff from SD1.5 rather than from DiffSplat's weights)."""
-    unet4 = UNet2DConditionModel.from_pretrained(sd15_folder(models_cfg), subfolder="unet")
-    return widen_conv_in(unet4, mv_unet_in_channels(image_conditioned), 32, image_conditioned)
-
-
-def load_model_stack(models_cfg: dict, with_unet: bool = True, with_image_vae: bool | None = None) -> ModelStack:
+def load_model_stack(models: ModelsParams, with_unet: bool = True, with_image_vae: bool | None = None) -> ModelStack:
     """Build the stack params.yaml's ``models:`` section asks for.
 
     ``models.finetuned`` (e.g. ``models/finetune``, the finetune stage's output): its fine-tuned GSRecon and/or
     GSVAE replace the base ones when its manifest lists them; ``null`` or a missing folder keeps the base.
     """
-    source = models_cfg.get("source", "tiny")
-    if source == "tiny":
-        stack = tiny_model_stack(int(models_cfg.get("seed", 0)), bool(models_cfg.get("image_conditioned", False)))
-    elif source == "pretrained":
-        stack = pretrained_model_stack(models_cfg, with_unet, with_image_vae)
+    if models.tiny:
+        stack = tiny_model_stack(models.seed, models.image_conditioned)
     else:
-        raise ValueError(f"models.source must be 'tiny' or 'pretrained', got {source!r} (params.yaml)")
-    if models_cfg.get("finetuned"):
-        apply_finetuned(stack, Path(models_cfg["finetuned"]), models_cfg)
+        stack = pretrained_model_stack(models, with_unet, with_image_vae)
+    if models.finetuned:
+        apply_finetuned(stack, models.finetuned, models)
     return stack
 
 
 FINETUNE_BASE_KEYS = ("source", "seed", "image_conditioned", "sd15", "diffsplat")
 
 
-def finetune_base(models_cfg: dict) -> dict:
-    """The ``models:`` keys that decide the GSRecon/GSVAE weights a fine-tune starts from (recorded in its manifest)."""
-    return {k: models_cfg.get(k) for k in FINETUNE_BASE_KEYS}
+def finetune_base(models: ModelsParams) -> dict:
+    """The ``models:`` keys that decide the GSRecon/GSVAE weights a fine-tune starts from (recorded in its manifest,
+    as params.yaml writes them)."""
+    values = plain(models)
+    return {k: values[k] for k in FINETUNE_BASE_KEYS}
 
 
-def apply_finetuned(stack: ModelStack, folder: Path, models_cfg: dict) -> list[str]:
+def apply_finetuned(stack: ModelStack, folder: Path, models: ModelsParams) -> list[str]:
     """Swap in the fine-tuned modules listed by ``folder/manifest.json``; returns their names."""
     manifest_path = folder / "manifest.json"
     if not manifest_path.is_file():
         return []
     manifest = json.loads(manifest_path.read_text())
-    wanted = finetune_base(models_cfg)
+    wanted = finetune_base(models)
     swapped = [m for m in ("gsrecon", "gsvae") if manifest.get(m)]
     if swapped and manifest.get("base") != wanted:
         raise ModelSourceError(

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import ctypes
 import fcntl
-import hashlib
 import json
 import os
 import shutil
@@ -29,18 +28,20 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
-from chibisplat import cameras
+from chibisplat import cameras, protocol
+from chibisplat.config import RenderParams, build, plain
 from chibisplat.files import write_atomic
-from chibisplat.identity import ASSET_SUFFIXES, sha256_json, sha256_sources, uid_for
+from chibisplat.identity import ASSET_SUFFIXES, sha256_code, sha256_json, sha256_sources, uid_for
 from chibisplat.render.options import MISSING_TEXTURES_DEFAULT, validate_render_params, white_response
 from chibisplat.render.quality import MAX_CLIPPED_FRACTION
 from chibisplat.render.references import referenced_files
 
-VIEW_FILES = tuple(f"{i:05d}{ext}" for i in range(cameras.NUM_VIEWS) for ext in (".png", "_nd.png", ".json"))
+VIEW_FILES = tuple(f"{i:05d}{ext}" for i in range(protocol.NUM_SLOTS) for ext in (".png", "_nd.png", ".json"))
 CHARACTER_FILES = VIEW_FILES + ("meta.json", "contact_sheet.png")
 PIXEL_PARAMS = ("resolution", "samples", "seed", "denoise", "engine", "device", "pose", "cameras", "lights", "missing_textures")
 
@@ -52,13 +53,15 @@ class Asset:
     uid: str
 
 
-def render_config(params: dict) -> dict:
-    """Everything that changes pixels: the parameters, the Blender version and the Blender-side code."""
-    code = Path(__file__).with_name("blender.py").read_bytes() + Path(cameras.__file__).read_bytes()
+def render_config(params: Mapping) -> dict:
+    """Everything that changes pixels: the parameters (as params.yaml holds them: ``plain(RenderParams)``), the
+    Blender version and the Blender-side code (the scene script, the camera layout and the DiffSplat protocol facts
+    it imports: focal length, slot numbering, axis flip)."""
+    code = sha256_code((Path(__file__).with_name("blender.py"), cameras.__file__, protocol.__file__))
     config = {k: params.get(k) for k in PIXEL_PARAMS}
     config["missing_textures"] = config["missing_textures"] or MISSING_TEXTURES_DEFAULT
     config["bpy_version"] = metadata.version("bpy")
-    config["render_code_sha256"] = hashlib.sha256(code).hexdigest()
+    config["render_code_sha256"] = code  # code, not comments or docstrings (identity.sha256_code)
     return config
 
 
@@ -110,7 +113,7 @@ def _failure(asset_source: str, uid: str, reason: str, action: str) -> dict:
     return {"uid": uid, "source": asset_source, "status": "failed", "reason": reason, "action": action}
 
 
-def run_render_stage(params: dict, log=print, executor=None) -> dict:
+def run_render_stage(params: RenderParams | Mapping, log=print, executor=None) -> dict:
     """Render every asset. Writes the report (``params['report']``, a pure function of the inputs) and returns what
     this run did (also written to ``<scratch>/last_run.json``): ``counts`` = {rendered, cached, failed, removed},
     ``characters`` (status rendered / cached / failed / skipped, warnings, clipped_fraction, seconds), ``removed``,
@@ -119,10 +122,12 @@ def run_render_stage(params: dict, log=print, executor=None) -> dict:
     Every ``render:`` value is validated first (:class:`RenderParamsError`), before any file is touched.
     ``executor``: where the stale characters render (:class:`chibisplat.executors.ExecutorConfig`, params.yaml
     ``cluster.render``); None: worker processes on this machine. The run's ``"executor"`` says what it shipped."""
-    validate_render_params(params)
-    assets_dir = Path(params["assets_dir"])
-    out_dir = Path(params["out_dir"])
-    scratch = Path(params.get("scratch_dir") or out_dir.parent / ".cache" / "render")
+    if isinstance(params, RenderParams):
+        validate_render_params(plain(params))
+    else:  # a ``render:`` mapping (tools, tests): checked, then typed by the loader's builder
+        validate_render_params(params)
+        params = build(RenderParams, params, "render")
+    assets_dir, out_dir, scratch = params.assets_dir, params.out_dir, params.scratch_path
     if not assets_dir.is_dir():
         raise FileNotFoundError(f"render.assets_dir {assets_dir} is not a folder; point it at your characters")
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -131,13 +136,13 @@ def run_render_stage(params: dict, log=print, executor=None) -> dict:
         return _run(params, assets_dir, out_dir, scratch, log, executor)
 
 
-def _run(params: dict, assets_dir: Path, out_dir: Path, scratch: Path, log, executor=None) -> dict:
+def _run(params: RenderParams, assets_dir: Path, out_dir: Path, scratch: Path, log, executor=None) -> dict:
     for sub in ("tmp", "trash", "jobs"):
         shutil.rmtree(scratch / sub, ignore_errors=True)  # leftovers of a killed run
     (scratch / "jobs").mkdir(parents=True, exist_ok=True)
     (scratch / "logs").mkdir(parents=True, exist_ok=True)
 
-    config = render_config(params)
+    config = render_config(plain(params))
     config_sha = sha256_json(config)
     found, skipped = scan_assets(assets_dir)
     entries: list[dict] = list(skipped)
@@ -189,10 +194,10 @@ def _run(params: dict, assets_dir: Path, out_dir: Path, scratch: Path, log, exec
             names = [os.path.relpath(p, asset.path.parent).replace(os.sep, "/") for p in external]
             todo.append((asset, source_sha, names))
     on_ray = executor is not None and executor.is_ray
-    where = f"as Ray tasks of {executor.num_cpus:g} CPUs" if on_ray else f"with {params.get('workers', 1)} workers"
+    where = f"as Ray tasks of {executor.num_cpus:g} CPUs" if on_ray else f"with {params.workers} workers"
     log(
         f"render: {len(assets)} characters, {len(assets) - len(todo)} up to date, {len(todo)} to render "
-        f"{where} ({params['resolution']} px, {params['samples']} samples)"
+        f"{where} ({params.resolution} px, {params.samples} samples)"
     )
     stats = {"kind": "local", "shipped": []}
     if on_ray:
@@ -221,7 +226,7 @@ def _run(params: dict, assets_dir: Path, out_dir: Path, scratch: Path, log, exec
         },
         "characters": [_report_entry(e) for e in entries],
     }
-    report_path = Path(params.get("report") or out_dir.parent / "reports" / "render.json")
+    report_path = params.report_path
     _write_json(report_path, report)
     run = {
         "render_config_sha256": config_sha,
@@ -371,7 +376,7 @@ def _run_workers(todo, params, config, config_sha, out_dir, scratch, log) -> lis
     """One Blender process per character, at most ``workers`` at a time. Whatever ends this function (an error,
     Ctrl-C, SIGTERM), the workers still running are killed."""
     # Fewer characters than workers (an incremental run): the cores go to the characters there are.
-    workers = max(1, min(int(params.get("workers", 1)), len(todo)))
+    workers = max(1, min(params.workers, len(todo)))
     threads = max(1, (os.cpu_count() or 1) // workers)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
     env["CHIBISPLAT_CYCLES_THREADS"] = str(threads)

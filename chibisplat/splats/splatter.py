@@ -65,10 +65,6 @@ class Gaussians:
     def select(self, keep: Tensor) -> "Gaussians":
         return Gaussians(self.means[keep], self.quats[keep], self.scales[keep], self.opacities[keep], self.colors[keep])
 
-    @staticmethod
-    def cat(parts: list["Gaussians"]) -> "Gaussians":
-        return Gaussians(*(torch.cat([getattr(p, f) for p in parts]) for f in ("means", "quats", "scales", "opacities", "colors")))
-
 
 def splatter_to_gaussians(
     splatter: Tensor,

@@ -40,6 +40,8 @@ from pathlib import Path
 from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedSeq
 
+from chibisplat.files import write_atomic
+
 FIX_COMMAND = "make deps  (python -m chibisplat.tools.dvc_deps --write)"
 SCHEMA_MODULE = "config_schema"  # <package>.config_schema (chibisplat/config_schema.py): SCHEMA, STAGE_SECTIONS, Ref
 REF_CALL = "Ref"
@@ -375,9 +377,7 @@ def write(root: Path, dvc_yaml: Path | None = None) -> list[StageDeps]:
             print(f"dvc_deps: stage '{s.stage}': dropped the comment {text!r} of a replaced code dep", file=sys.stderr)
     buf = io.StringIO()
     _yaml().dump(doc, buf)
-    tmp = dvc_yaml.with_name(f".{dvc_yaml.name}.{uuid.uuid4().hex}.tmp")
-    tmp.write_text(buf.getvalue(), encoding="utf-8")
-    tmp.replace(dvc_yaml)
+    write_atomic(dvc_yaml, buf.getvalue().encode("utf-8"))
     return changed
 
 

@@ -26,10 +26,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from chibisplat.config import SnapshotParams
 from chibisplat.device import resolve_device, to_device
 
-CLIP_REPO = "openai/clip-vit-large-patch14"
-CLIP_REVISION = "32bd64288804d66eefd0ccbe215aa642df71cc41"
 CLIP_PATTERNS = ["config.json", "model.safetensors", "vocab.json", "merges.txt", "preprocessor_config.json",
                  "tokenizer_config.json", "special_tokens_map.json"]
 CLIP_REQUIRED = ["config.json", "vocab.json", "merges.txt"]
@@ -40,15 +39,15 @@ class ClipMissing(FileNotFoundError):
     """No CLIP model on this machine (the message names the download command)."""
 
 
-def clip_folder(spec: dict | None) -> Path:
+def clip_folder(spec: SnapshotParams | None) -> Path:
     """The local CLIP folder that ``evaluate.clip`` names (``path``, else the HF cache at ``repo``@``revision``)."""
-    from chibisplat.models.sources import ModelSourceError, resolve_snapshot
+    from chibisplat.models.hub import ModelSourceError, resolve_snapshot
 
-    spec = dict(spec or {})
-    repo, revision = spec.get("repo") or CLIP_REPO, spec.get("revision") or CLIP_REVISION
-    spec.update(repo=repo, revision=revision)
+    if spec is None:
+        raise ClipMissing("params.yaml evaluate.clip is null (set it to {repo, revision, path} of CLIP ViT-L/14)")
+    repo, revision = spec.repo, spec.revision
     try:
-        folder = resolve_snapshot(spec, CLIP_PATTERNS, CLIP_REPO, CLIP_REQUIRED)
+        folder = resolve_snapshot(spec, CLIP_PATTERNS, CLIP_REQUIRED, "evaluate.clip")
     except ModelSourceError as e:
         raise ClipMissing(
             f"no CLIP model: {str(e).splitlines()[0]} Get it on a machine with internet: `hf download "
@@ -122,4 +121,4 @@ class ClipScorer:
         return float((SCORE_WEIGHT * cos.clamp_min(0)).mean())
 
 
-__all__ = ["CLIP_REPO", "CLIP_REVISION", "ClipMissing", "ClipScorer", "clip_folder"]
+__all__ = ["ClipMissing", "ClipScorer", "clip_folder"]

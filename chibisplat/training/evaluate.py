@@ -31,18 +31,21 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from chibisplat.config_schema import DEFAULT_IMAGE_FORMATION
+from chibisplat.config import EvaluateParams, ModelsParams, SnapshotParams
 from chibisplat.dataset import schema
 from chibisplat.dataset.loader import ViewConfig, object_views
 from chibisplat.dataset.pack import packed_files
+from chibisplat.dataset.rows import shard_rows
 from chibisplat.device import module_device, resolve_device, to_device
 from chibisplat.images import contact_sheet
-from chibisplat.training.config import check_keys, resolved_section
+from chibisplat.protocol import (
+    CANONICAL_RADIUS, EVEN_VIEW_SETS, INFERENCE_AZIMUTHS, INFERENCE_ELEVATION, NUM_INPUT_VIEWS, NUM_SUPERVISION_VIEWS,
+)
 from chibisplat.training.inference import (
     inference_cameras, latents_to_gaussians, load_trained_unet, render_rgb,
 )
 from chibisplat.training.latents import (
-    EVEN_VIEW_SETS, _rows, gsrecon_splatter, load_latent_set, one_object, supervision_views,
+    gsrecon_splatter, load_latent_set, one_object, supervision_views,
 )
 from chibisplat.training.image_condition import (
     condition_latents, condition_moments, object_condition_slots, packed_condition_images, prediction_type_for,
@@ -52,51 +55,6 @@ from chibisplat.training.objective import (
     diffusion_step_inputs, noise_scheduler, sample_batch, sample_latents, step_generator, unet_prediction,
 )
 from chibisplat.splats.splatter import splatter_to_gaussians
-
-
-@dataclass(frozen=True)
-class EvaluateParams:
-    packed_dir: str = "data/packed"
-    latents_dir: str = "data/latents"
-    embeddings: str = "data/embeddings/prompt_embeds.parquet"
-    unet: str = "models/train/unet"
-    metrics: str = "metrics/evaluate.json"
-    previews_dir: str = "metrics/evaluate/previews"
-    view_sets: tuple[int, ...] = (0, 6)  # indices into EVEN_VIEW_SETS (0: ring A from slot 0, 6: ring B from 27)
-    render_resolution: int = 128
-    lpips_weights: str | None = None
-    steps: int = 20
-    guidance: float = 7.5
-    image_guidance: float = 2.0  # the image model's CFG scale (models.image_conditioned; DiffSplat recommends 2)
-    sampler: str = "sde-dpmsolver++"
-    seed: int = 0
-    elevation: float = 10.0
-    distance: float = 1.4
-    opacity_threshold: float = 0.0  # DiffSplat: 0
-    rasterizer: str = "auto"
-    image_formation: str = DEFAULT_IMAGE_FORMATION  # diffsplat | 3dgs (chibisplat/splats/rasterize.py)
-    device: str = "auto"  # auto: CUDA when present, else the CPU
-    val_batches: int = 8  # micro-batches (1 object each) of the val diffusion loss
-    clip: dict | None = None  # {repo, revision, path} of CLIP ViT-L/14 for the CLIP score (chibisplat/training/clip_score.py)
-
-    @staticmethod
-    def from_params(params: dict) -> "EvaluateParams":
-        d = resolved_section(params, "evaluate")
-        check_keys("evaluate", d, set(EvaluateParams.__dataclass_fields__))
-        if "view_sets" in d:
-            d["view_sets"] = tuple(d["view_sets"])
-        if d.get("clip") is not None:
-            if not isinstance(d["clip"], dict):
-                raise ValueError(f"params.yaml evaluate.clip must be a mapping {{repo, revision, path}} or null, got "
-                                 f"{d['clip']!r}")
-            check_keys("evaluate.clip", d["clip"], {"repo", "revision", "path"})
-        p = EvaluateParams(**d)
-        if p.val_batches < 1:
-            raise ValueError(f"params.yaml evaluate.val_batches must be >= 1, got {p.val_batches}")
-        bad = [s for s in p.view_sets if not 0 <= s < len(EVEN_VIEW_SETS)]
-        if bad:
-            raise ValueError(f"params.yaml evaluate.view_sets {bad} out of range 0..{len(EVEN_VIEW_SETS) - 1}")
-        return p
 
 
 def psnr(x: torch.Tensor, y: torch.Tensor) -> float:
@@ -125,12 +83,12 @@ def reconstruction_metrics(stack, params: EvaluateParams, resolution: int, lpips
     files = packed_files(Path(params.packed_dir), "val")
     if not files:
         raise FileNotFoundError(f"{params.packed_dir}/val: no packed val shards; run the pack stage (dvc repro pack)")
-    config = ViewConfig(num_views=8, num_input_views=4, resolution=resolution)
+    config = ViewConfig(resolution=resolution)
     res = params.render_resolution
     scores = {"psnr": [], "ssim": [], "lpips": []}
     sheets = {}
     for shard in files:
-        for row in _rows(shard):
+        for row in shard_rows(shard):
             uid = row[schema.UID]
             for s in params.view_sets:
                 inputs = EVEN_VIEW_SETS[s]
@@ -138,11 +96,12 @@ def reconstruction_metrics(stack, params: EvaluateParams, resolution: int, lpips
                 v = object_views(row[schema.IMAGES], row[schema.NORMAL_DEPTH], row[schema.CAMERAS], indices, config)
                 splatter = gsrecon_splatter(stack.gsrecon, one_object(v))[0].float()  # on GSRecon's device
                 c2w, intr = to_device((v["C2W"], v["fxfycxcy"]), splatter.device)
-                g = splatter_to_gaussians(splatter, c2w[:4], intr[:4])
-                pred = render_rgb(g, c2w[4:], intr[4:], res, params.rasterizer, params.opacity_threshold,
+                g = splatter_to_gaussians(splatter, c2w[:NUM_INPUT_VIEWS], intr[:NUM_INPUT_VIEWS])
+                held = slice(NUM_INPUT_VIEWS, None)  # the supervision views
+                pred = render_rgb(g, c2w[held], intr[held], res, params.rasterizer, params.opacity_threshold,
                                   params.image_formation)
                 pred_t = torch.from_numpy(np.stack(pred)).permute(0, 3, 1, 2).float() / 255.0
-                gt = v["image"][4:]
+                gt = v["image"][held]
                 if gt.shape[-1] != res:
                     gt = F.interpolate(gt, size=(res, res), mode="bilinear", align_corners=False, antialias=True)
                 gt = (gt.clamp(0, 1) * 255).round() / 255.0  # 8-bit, as the metrics are computed on uint8 images
@@ -154,9 +113,10 @@ def reconstruction_metrics(stack, params: EvaluateParams, resolution: int, lpips
                         scores["lpips"].append(lpips(*pair).item())
                 if s == params.view_sets[0]:
                     gt_u8 = [(g_.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8) for g_ in gt]
-                    labels = [f"gt {i}" for i in indices[4:]] + [f"recon {i}" for i in indices[4:]]
-                    sheets[uid] = contact_sheet(gt_u8 + pred, labels, columns=4, cell=res)
-            log(f"evaluate: reconstruction {uid}: {len(params.view_sets)} view set(s) x 4 held-out views")
+                    labels = [f"gt {i}" for i in indices[held]] + [f"recon {i}" for i in indices[held]]
+                    sheets[uid] = contact_sheet(gt_u8 + pred, labels, columns=NUM_SUPERVISION_VIEWS, cell=res)
+            log(f"evaluate: reconstruction {uid}: {len(params.view_sets)} view set(s) x "
+                f"{NUM_SUPERVISION_VIEWS} held-out views")
     mean = lambda xs: float(np.mean(xs)) if xs else None
     return {k: mean(v) for k, v in scores.items()} | {"num_views": len(scores["psnr"])}, sheets
 
@@ -223,12 +183,12 @@ def generation_previews(unets: dict, stack, params: EvaluateParams, scheduler, r
         cond, guidance, cams, gt = None, params.guidance, (c2w, intr), None
         if condition is not None:
             cond = condition_latents(condition[i:i + 1], vae_scaling(stack.image_vae))
-            guidance, cams = params.image_guidance, (data.C2W[i, :4], data.fxfycxcy[i, :4])
-            gt = data.target_rgba[i, :4, :3].float() / 255.0
+            guidance, cams = params.image_guidance, (data.C2W[i, :NUM_INPUT_VIEWS], data.fxfycxcy[i, :NUM_INPUT_VIEWS])
+            gt = data.target_rgba[i, :NUM_INPUT_VIEWS, :3].float() / 255.0
             gt = F.interpolate(gt, size=(res, res), mode="bilinear", align_corners=False, antialias=True)
             gt = (gt.clamp(0, 1) * 255).round() / 255.0
             views += [(v.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8) for v in gt]
-            labels += ["input (gt 0)"] + [f"gt {k}" for k in range(1, 4)]
+            labels += ["input (gt 0)"] + [f"gt {k}" for k in range(1, NUM_INPUT_VIEWS)]
         for name, unet in unets.items():
             latents = sample_latents(unet, stack, dict(scheduler.config), data.prompt_embeds[i:i + 1], data.null_embed,
                                      cams[0], cams[1], resolution, params.steps, guidance, params.seed,
@@ -240,9 +200,9 @@ def generation_previews(unets: dict, stack, params: EvaluateParams, scheduler, r
             if gt is not None:
                 psnrs[name].append(psnr(torch.from_numpy(np.stack(rendered)).permute(0, 3, 1, 2).float() / 255.0, gt))
             views += rendered
-            labels += [f"{name} view {k}" if cond is not None else f"{name} az {a}"
-                       for k, a in enumerate((0, 90, 180, 270))]
-        sheets[uid] = contact_sheet(views, labels, columns=4, cell=res)
+            labels += [f"{name} view {k}" if cond is not None else f"{name} az {int(a)}"
+                       for k, a in enumerate(INFERENCE_AZIMUTHS)]
+        sheets[uid] = contact_sheet(views, labels, columns=NUM_INPUT_VIEWS, cell=res)
         extra = [f"{n} CLIP {s[-1]:.2f}" for n, s in scores.items() if s]
         extra += [f"{n} PSNR {s[-1]:.2f} dB" for n, s in psnrs.items() if s]
         what = f"front view slot {slots[i][1]} + {data.captions[i]!r}" if cond is not None else repr(data.captions[i])
@@ -250,7 +210,7 @@ def generation_previews(unets: dict, stack, params: EvaluateParams, scheduler, r
     return sheets, scores, psnrs
 
 
-def load_clip(spec: dict | None, device) -> tuple[object | None, str | None]:
+def load_clip(spec: SnapshotParams | None, device) -> tuple[object | None, str | None]:
     """(:class:`ClipScorer`, None), or (None, a note saying why the CLIP score is null and how to get the model)."""
     from chibisplat.training.clip_score import ClipMissing, ClipScorer, clip_folder
 
@@ -261,7 +221,7 @@ def load_clip(spec: dict | None, device) -> tuple[object | None, str | None]:
     return ClipScorer.load(folder, device), None
 
 
-def evaluate(params: EvaluateParams, models_cfg: dict, resolution: int, log=print) -> dict:
+def evaluate(params: EvaluateParams, models: ModelsParams, resolution: int, log=print) -> dict:
     """Write ``params.metrics`` (JSON) and the preview PNGs; returns the metrics."""
     import imageio.v2 as imageio
 
@@ -270,11 +230,11 @@ def evaluate(params: EvaluateParams, models_cfg: dict, resolution: int, log=prin
     device = resolve_device(params.device, "params.yaml evaluate.device")
     from chibisplat.models.sources import check_unet_conditioning
 
-    stack = load_model_stack(models_cfg)
+    stack = load_model_stack(models)
     for module in to_device((stack.gsrecon, stack.gsvae, stack.unet, stack.image_vae), device):
         if module is not None:
             module.eval()
-    image_conditioned = bool(models_cfg.get("image_conditioned", False))
+    image_conditioned = models.image_conditioned
     unet = load_trained_unet(params.unet, device)
     check_unet_conditioning(unet, image_conditioned, params.unet)
     scheduler = noise_scheduler(stack, prediction_type_for(image_conditioned))

@@ -27,6 +27,7 @@ re-captioned character does not re-train GSRecon.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -78,7 +79,7 @@ def fingerprint(params: FinetuneParams, models: ModelsParams, data: list[list[st
     if not params.enabled:
         return sha256_json({"format": FORMAT_VERSION, "enabled": False})
     settings = {k: v for k, v in plain(params).items() if k not in COSMETIC}
-    return sha256_json({"format": FORMAT_VERSION, "settings": settings, "base": finetune_base(plain(models)),
+    return sha256_json({"format": FORMAT_VERSION, "settings": settings, "base": finetune_base(models),
                         "data": data})
 
 
@@ -216,7 +217,7 @@ def finetune(params: FinetuneParams, models: ModelsParams, log=print) -> Finetun
         log(f"finetune: {out_dir} is up to date (same settings, base models and train renders); nothing to do")
         return FinetuneResult(skipped=True, out_dir=out_dir)
 
-    manifest = {"format": FORMAT_VERSION, "fingerprint": fp, "base": finetune_base(plain(models)),
+    manifest = {"format": FORMAT_VERSION, "fingerprint": fp, "base": finetune_base(models),
                 "gsrecon": None, "gsvae": None, "steps": {}, "final_loss": {}}
     result = FinetuneResult(skipped=False, out_dir=out_dir)
     # Models and metrics are written into temporary folders and swapped in together at the end: a failed or killed
@@ -257,7 +258,8 @@ def _run_phases(params: FinetuneParams, models: ModelsParams, n_train: int, tmp:
     accelerator = Accelerator(mixed_precision=params.mixed_precision)
     device = accelerator.device
     torch.manual_seed(params.seed)
-    stack = load_model_stack(plain(models) | {"finetuned": None}, with_unet=False)  # base weights, never a previous fine-tune  TRANSITION
+    # the base weights, never a previous fine-tune
+    stack = load_model_stack(dataclasses.replace(models, finetuned=None), with_unet=False)
     for module in to_device((stack.gsrecon, stack.gsvae), device):
         module.requires_grad_(False).eval()
     lpips = None

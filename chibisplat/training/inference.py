@@ -10,59 +10,28 @@ one is given; ``views.png`` then shows the prepared input image before the 4 gen
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from chibisplat.config import GenerateParams  # noqa: F401 (generate()'s params)
 from chibisplat.config_schema import DEFAULT_IMAGE_FORMATION
 from chibisplat.device import module_device, resolve_device, to_device
 from chibisplat.geometry import normalised_intrinsics, opengl_to_opencv_camera, orbit_camera, pixel_K
 from chibisplat.images import contact_sheet
 from chibisplat.models.gsdiff import is_image_conditioned, load_mv_unet
+from chibisplat.protocol import (
+    CANONICAL_RADIUS, IMAGE_INFERENCE_ELEVATION, INFERENCE_AZIMUTHS, INFERENCE_ELEVATION, NUM_INPUT_VIEWS,
+)
 from chibisplat.splats.ply import write_ply
 from chibisplat.splats.rasterize import rasterize
 from chibisplat.splats.splatter import Gaussians, splatter_to_gaussians
-from chibisplat.training.config import check_keys, resolved_section
-
-AZIMUTHS = (0.0, 90.0, 180.0, 270.0)
 
 
-@dataclass(frozen=True)
-class GenerateParams:
-    prompt: str = "a chibi witch with a big hat"
-    unet: str = "models/train/unet"
-    out_dir: str = "out/generate"
-    steps: int = 20
-    guidance: float = 7.5
-    sampler: str = "sde-dpmsolver++"  # DiffSplat's default; dpmsolver++ | ddim
-    seed: int = 0
-    elevation: float = 10.0  # degrees above the object (DiffSplat text-to-3D default)
-    distance: float = 1.4
-    render_resolution: int = 256
-    turntable_frames: int = 36
-    turntable_fps: int = 12
-    opacity_threshold: float = 0.0  # Gaussians at or below are dropped from renders and the PLY (DiffSplat: 0)
-    rasterizer: str = "auto"
-    image_formation: str = DEFAULT_IMAGE_FORMATION  # diffsplat | 3dgs (chibisplat/splats/rasterize.py)
-    device: str = "auto"  # auto: CUDA when present, else the CPU (chibisplat/device.py)
-    # image-to-3D (models.image_conditioned; docs/image-to-3d.md)
-    image: str | None = None  # a front view on any background; None: text only
-    image_guidance: float = 2.0  # DiffSplat: 7.5 is for text; keep <= 3 for images, 2.0 recommended
-    image_elevation: float = 20.0  # elevation of the input view (DiffSplat README example; our ring-A renders)
-    border_ratio: float = 0.2  # margin around the cut-out character (DiffSplat's rembg_and_center)
-    matte_tolerance: float = 0.1  # border-colour matte of images without alpha (chibisplat/training/image_condition.py)
 
-    @staticmethod
-    def from_params(params: dict, **overrides) -> "GenerateParams":
-        d = resolved_section(params, "generate")
-        d.update({k: v for k, v in overrides.items() if v is not None})
-        check_keys("generate", d, set(GenerateParams.__dataclass_fields__))
-        return GenerateParams(**d)
-
-
-def inference_cameras(elevation: float = 10.0, distance: float = 1.4, azimuths=AZIMUTHS) -> tuple[torch.Tensor, torch.Tensor]:
+def inference_cameras(elevation: float = INFERENCE_ELEVATION, distance: float = CANONICAL_RADIUS,
+                      azimuths=INFERENCE_AZIMUTHS) -> tuple[torch.Tensor, torch.Tensor]:
     """DiffSplat's inference cameras: ``orbit_camera(-elevation, azimuth, distance)`` with OpenCV camera axes.
 
     Returns C2W (V, 4, 4) and fxfycxcy (V, 4).
@@ -85,7 +54,8 @@ def latents_to_gaussians(gsvae, latents: torch.Tensor, C2W: torch.Tensor, fxfycx
                          opacity_threshold: float = 0.0) -> Gaussians:
     """Unscaled latents of one object (4, 4, h, h) -> full GSVAE decoder -> Gaussians in the canonical world, on the
     GSVAE's device (rendered there: gsplat on CUDA)."""
-    latents, C2W, fxfycxcy = to_device((latents, C2W[:4], fxfycxcy[:4]), module_device(gsvae))
+    v = NUM_INPUT_VIEWS  # the generated views' cameras unproject the splatter images
+    latents, C2W, fxfycxcy = to_device((latents, C2W[:v], fxfycxcy[:v]), module_device(gsvae))
     splatter = gsvae.decode(latents, use_tiny_decoder=False).float()
     return splatter_to_gaussians(splatter, C2W.float(), fxfycxcy.float(), opacity_threshold=opacity_threshold)
 
@@ -148,7 +118,7 @@ def generate(prompt_embed: torch.Tensor, null_embed: torch.Tensor, unet, stack, 
     views = render_rgb(gaussians, c2w, intr, params.render_resolution, params.rasterizer, params.opacity_threshold,
                        params.image_formation)
     paths = {"views": out_dir / "views.png", "ply": out_dir / "splat.ply", "turntable": out_dir / "turntable.gif"}
-    labels = [f"az {int(a)}" for a in AZIMUTHS]
+    labels = [f"az {int(a)}" for a in INFERENCE_AZIMUTHS]
     if condition_image is not None:
         shown = torch.nn.functional.interpolate(condition_image[None].float(), size=(params.render_resolution,) * 2,
                                                 mode="bilinear", align_corners=False, antialias=True)[0]

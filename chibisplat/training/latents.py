@@ -1,6 +1,7 @@
 """The latent cache: the frozen half of GSDiff training, done once per character (docs/diffsplat-reference.md §4, §5).
 
-For every character and every fixed "even" input-view set (:data:`EVEN_VIEW_SETS`: 6 on ring A, 3 on ring B),
+For every character and every fixed "even" input-view set (:data:`chibisplat.protocol.EVEN_VIEW_SETS`: 6 on ring A,
+3 on ring B),
 GSRecon turns the 4 posed input views into splatter images and the GSVAE encodes them (posterior mean, eval
 mode). A training step then runs only the UNet.
 
@@ -19,6 +20,7 @@ re-encoded only when one of them changed.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -26,70 +28,25 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 
-from chibisplat import cameras
+from chibisplat.config import LatentParams, ModelsParams
 from chibisplat.dataset import schema
-from chibisplat.dataset.loader import PromptEmbeddings, ViewConfig, _Views, normal_depth_views, object_views
-from chibisplat.dataset.pack import SPLITS, packed_files
+from chibisplat.dataset.loader import PromptEmbeddings, ViewConfig, object_views
+from chibisplat.dataset.pack import packed_files
+from chibisplat.dataset.rows import shard_rows
 from chibisplat.device import module_device, resolve_device, to_device
 from chibisplat.files import atomic_path
 from chibisplat.identity import sha256_json, sha256_text
 from chibisplat.models.sources import load_model_stack
+from chibisplat.protocol import DUPLICATE_SLOTS, EVEN_VIEW_SETS, NUM_INPUT_VIEWS, NUM_SLOTS, NUM_SUPERVISION_VIEWS
 from chibisplat.safetensors_io import safetensors_bytes
 from chibisplat.splats.splatter import to_splatter_image
-from chibisplat.training.config import check_keys, resolved_section
 from chibisplat.training.precision import autocast, check_mixed_precision
 
 FORMAT_VERSION = 1
-NUM_INPUT_VIEWS = 4
-NUM_RENDER_VIEWS = 8  # 4 inputs + 4 supervision views (DiffSplat renders into 8 views)
-# DiffSplat's even views: (i0 + 6k) % 24 on ring A and 27 + (i0 + 3k) % 12 on ring B, 90 degrees apart. Starts
-# beyond these repeat the same 4 cameras in another order, so 6 + 3 sets cover every distinct input set.
-EVEN_VIEW_SETS: tuple[tuple[int, ...], ...] = tuple(
-    tuple(cameras.RING_A[(i0 + 6 * k) % 24] for k in range(NUM_INPUT_VIEWS)) for i0 in range(6)
-) + tuple(tuple(cameras.RING_B[(i0 + 3 * k) % 12] for k in range(NUM_INPUT_VIEWS)) for i0 in range(3))
-
-
-@dataclass(frozen=True)
-class LatentParams:
-    packed_dir: Path = Path("data/packed")
-    embeddings: Path = Path("data/embeddings/prompt_embeds.parquet")
-    out_dir: Path = Path("data/latents")
-    resolution: int = 256  # GSRecon input size; latents are resolution / 8
-    render_resolution: int = 128  # stored targets of the rendering loss
-    device: str = "cpu"
-    # Autocast of the frozen GSRecon + GSVAE: no | bf16 | fp16 (chibisplat/training/precision.py). The stored latents
-    # are float32 either way; a value other than "no" is part of the cache key (the latents differ slightly).
-    mixed_precision: str = "no"
-    splits: tuple[str, ...] = SPLITS
-    # Indices into EVEN_VIEW_SETS to encode; None: all 9 (the published recipe). Fewer make a quick smoke run.
-    view_sets: tuple[int, ...] | None = None
-
-    @staticmethod
-    def from_params(params: dict) -> "LatentParams":
-        d = resolved_section(params, "latents")
-        check_keys("latents", d, {f for f in LatentParams.__dataclass_fields__})
-        for k in ("packed_dir", "embeddings", "out_dir"):
-            if k in d:
-                d[k] = Path(d[k])
-        if "splits" in d:
-            d["splits"] = tuple(d["splits"])
-        d["device"] = str(resolve_device(d.get("device", "cpu"), "params.yaml latents.device"))
-        if d.get("view_sets") is not None:
-            d["view_sets"] = tuple(d["view_sets"])
-            bad = [i for i in d["view_sets"] if not (isinstance(i, int) and 0 <= i < len(EVEN_VIEW_SETS))]
-            if bad or not d["view_sets"] or len(set(d["view_sets"])) != len(d["view_sets"]):
-                raise ValueError(f"params.yaml latents.view_sets must be distinct indices 0..{len(EVEN_VIEW_SETS) - 1} "
-                                 f"into the even view sets (or null for all), got {list(d['view_sets'])}")
-        p = LatentParams(**d)
-        check_mixed_precision("latents.mixed_precision", p.mixed_precision, p.device)
-        if p.resolution % 8:
-            raise ValueError(f"params.yaml latents.resolution must be a multiple of 8 (GSRecon patches), got {p.resolution}")
-        return p
 
 
 def selected_view_sets(params: LatentParams) -> tuple[int, ...]:
@@ -99,10 +56,10 @@ def selected_view_sets(params: LatentParams) -> tuple[int, ...]:
 
 def supervision_views(uid: str, set_index: int, inputs: tuple[int, ...]) -> list[int]:
     """4 fixed supervision slots for one (character, view set): like the loader's pick, but seeded by both."""
-    excluded = set(inputs) | set(cameras.DUPLICATE_SLOTS)
-    others = [i for i in range(cameras.NUM_VIEWS) if i not in excluded]
+    excluded = set(inputs) | set(DUPLICATE_SLOTS)
+    others = [i for i in range(NUM_SLOTS) if i not in excluded]
     random.Random(f"{uid}:{set_index}").shuffle(others)
-    return others[: NUM_RENDER_VIEWS - NUM_INPUT_VIEWS]
+    return others[:NUM_SUPERVISION_VIEWS]
 
 
 def model_identity(stack) -> str:
@@ -157,7 +114,8 @@ def _target_rgba(views: dict[str, torch.Tensor], size: int) -> torch.Tensor:
 def encode_character(stack, row: dict, params: LatentParams) -> dict[str, torch.Tensor]:
     """All view sets of one packed row -> the tensors of its cache file (module docstring)."""
     uid = row[schema.UID]
-    config = ViewConfig(num_views=NUM_RENDER_VIEWS, num_input_views=NUM_INPUT_VIEWS, resolution=params.resolution)
+    device = resolve_device(params.device, "params.yaml latents.device")
+    config = ViewConfig(resolution=params.resolution)
     out: dict[str, list[torch.Tensor]] = {k: [] for k in ("latents", "C2W", "fxfycxcy", "view_indices", "target_rgba")}
     for s in selected_view_sets(params):
         inputs = EVEN_VIEW_SETS[s]
@@ -166,27 +124,12 @@ def encode_character(stack, row: dict, params: LatentParams) -> dict[str, torch.
             views = object_views(row[schema.IMAGES], row[schema.NORMAL_DEPTH], row[schema.CAMERAS], indices, config)
         except (ValueError, IndexError, KeyError) as e:
             raise ValueError(f"character {uid}: cannot read views {indices}: {e}; re-render and re-pack it") from None
-        out["latents"].append(encode_views(stack, views, params.device, params.mixed_precision))
+        out["latents"].append(encode_views(stack, views, device, params.mixed_precision))
         out["C2W"].append(views["C2W"])
         out["fxfycxcy"].append(views["fxfycxcy"])
         out["view_indices"].append(views["view_indices"])
         out["target_rgba"].append(_target_rgba(views, params.render_resolution))
     return {k: torch.stack(v).contiguous() for k, v in out.items()}
-
-
-def _rows(path: Path):
-    """Packed rows of one shard, views left in Arrow until picked."""
-    f = pq.ParquetFile(path)
-    for g in range(f.metadata.num_row_groups):
-        table = f.read_row_group(g).combine_chunks()
-        cols = {c: table.column(c) for c in (schema.UID, schema.CAPTION, schema.SOURCE_SHA256, schema.RENDER_CONFIG_SHA256)}
-        images, nds, cams = (table.column(c).chunk(0) for c in (schema.IMAGES, schema.NORMAL_DEPTH, schema.CAMERAS))
-        for k in range(table.num_rows):
-            row = {c: col[k].as_py() for c, col in cols.items()}
-            row[schema.IMAGES] = _Views(images[k].values.field("bytes"))
-            row[schema.NORMAL_DEPTH] = normal_depth_views(nds[k])
-            row[schema.CAMERAS] = _Views(cams[k].values)
-            yield row
 
 
 def cache_key(row: dict, models_id: str, params: LatentParams) -> str:
@@ -218,13 +161,16 @@ class LatentSummary:
     executor: dict = field(default_factory=dict)  # what the executor shipped (chibisplat/executors RunStats)
 
 
-def build_latents(params: LatentParams, models_cfg: dict, log=print, executor=None) -> LatentSummary:
+def build_latents(params: LatentParams, models: ModelsParams, log=print, executor=None) -> LatentSummary:
     """Encode every packed character whose cache key changed; remove files of characters no longer packed.
 
     ``executor``: where the encoding runs (``chibisplat.executors.ExecutorConfig``, params.yaml ``cluster.latents``);
     None: in this process. Either way this process decides what is stale and writes every file."""
     from chibisplat.executors.latents import latent_encoder
 
+    # latents.device auto: CUDA when present (decided here, where the encoders are placed)
+    params = dataclasses.replace(params, device=str(resolve_device(params.device, "params.yaml latents.device")))
+    check_mixed_precision("latents.mixed_precision", params.mixed_precision, params.device)
     summary = LatentSummary()
     encoder = None
     embeddings = PromptEmbeddings(params.embeddings)
@@ -236,15 +182,15 @@ def build_latents(params: LatentParams, models_cfg: dict, log=print, executor=No
         split_dir.mkdir(parents=True, exist_ok=True)
         seen: set[str] = set()
         for shard in files:
-            for row in _rows(shard):
+            for row in shard_rows(shard):
                 uid = row[schema.UID]
                 seen.add(uid)
                 embeddings[row[schema.CAPTION]]  # a missing caption embedding fails here, naming the caption
                 if stack is None:
-                    stack = load_model_stack(models_cfg, with_unet=False)  # GSRecon + GSVAE only
+                    stack = load_model_stack(models, with_unet=False)  # GSRecon + GSVAE only
                     to_device((stack.gsrecon, stack.gsvae), params.device)
                     models_id = model_identity(stack)
-                    encoder = latent_encoder(executor, lambda r: encode_character(stack, r, params), params, models_cfg,
+                    encoder = latent_encoder(executor, lambda r: encode_character(stack, r, params), params, models,
                                              models_id, log)
                 key = cache_key(row, models_id, params)
                 path = split_dir / f"{uid}.safetensors"

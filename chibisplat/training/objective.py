@@ -20,11 +20,11 @@ from chibisplat.config_schema import DEFAULT_IMAGE_FORMATION, PREDICTION_TYPES, 
 from chibisplat.device import module_device, to_device
 from chibisplat.geometry import pixel_K
 from chibisplat.models.gsdiff import generated_views, mv_unet_input, plucker_condition, with_condition_view
+from chibisplat.protocol import NUM_INPUT_VIEWS
 from chibisplat.training.image_condition import cfg_drops, condition_latents
 from chibisplat.splats.rasterize import rasterize, rasterize_views
 from chibisplat.splats.splatter import splatter_to_gaussians
 
-NUM_VIEWS = 4
 # stable-diffusion-v1-5 scheduler/scheduler_config.json.
 SD15_SCHEDULER_CONFIG = dict(
     num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
@@ -93,7 +93,7 @@ def diffusion_step_inputs(batch: Batch, scheduler: DDPMScheduler, scaling, null_
     ``condition`` (B, 4, h, w) as fed and ``image_dropped`` (B,).
     """
     b = batch.latents.shape[0]
-    x0 = scaling(batch.latents).reshape(b * NUM_VIEWS, *batch.latents.shape[2:])
+    x0 = scaling(batch.latents).reshape(b * NUM_INPUT_VIEWS, *batch.latents.shape[2:])
     image = batch.condition is not None
     draws = (
         torch.randn(x0.shape, generator=g),
@@ -107,23 +107,23 @@ def diffusion_step_inputs(batch: Batch, scheduler: DDPMScheduler, scaling, null_
     noise, t, p, *eps = to_device(draws, x0.device)
     null_embed = to_device(null_embed, x0.device)
     drop, image_drop = cfg_drops(p, cfg_dropout) if image else (p < cfg_dropout, None)  # text -> null embedding
-    timesteps = t.repeat_interleave(NUM_VIEWS)
+    timesteps = t.repeat_interleave(NUM_INPUT_VIEWS)
     noisy = scheduler.add_noise(x0, noise, timesteps)
     text = torch.where(drop[:, None, None], null_embed[None], batch.prompt_embeds)
-    cams = batch.C2W[:, :NUM_VIEWS].reshape(-1, 4, 4)
-    intr = batch.fxfycxcy[:, :NUM_VIEWS].reshape(-1, 4)
+    cams = batch.C2W[:, :NUM_INPUT_VIEWS].reshape(-1, 4, 4)
+    intr = batch.fxfycxcy[:, :NUM_INPUT_VIEWS].reshape(-1, 4)
     plucker = plucker_condition(cams, intr, resolution, x0.shape[-1])
     if image:
         cond = condition_latents(batch.condition.float(), condition_scaling, eps[0])
         cond = cond * (~image_drop).to(cond.dtype)[:, None, None, None]  # dropped image -> zero latent (DiffSplat)
-        views = NUM_VIEWS + 1
+        views = NUM_INPUT_VIEWS + 1
         extra = {"condition": cond, "image_dropped": image_drop,
-                 "unet_input": with_condition_view(noisy, plucker, cond, NUM_VIEWS),
+                 "unet_input": with_condition_view(noisy, plucker, cond, NUM_INPUT_VIEWS),
                  "unet_timesteps": t.repeat_interleave(views),
                  "encoder_hidden_states": text.repeat_interleave(views, dim=0)}
     else:
         extra = {"unet_input": mv_unet_input(noisy, plucker), "unet_timesteps": timesteps,
-                 "encoder_hidden_states": text.repeat_interleave(NUM_VIEWS, dim=0)}
+                 "encoder_hidden_states": text.repeat_interleave(NUM_INPUT_VIEWS, dim=0)}
     if scheduler.config.prediction_type == "epsilon":
         target = noise
     elif scheduler.config.prediction_type == "v_prediction":
@@ -137,10 +137,10 @@ def diffusion_step_inputs(batch: Batch, scheduler: DDPMScheduler, scaling, null_
 def unet_prediction(unet, inputs: dict[str, Tensor]) -> Tensor:
     """The UNet's prediction for the V generated views of :func:`diffusion_step_inputs` (B*V, 4, h, w): the
     condition view's output (image model) is dropped."""
-    views_per_object = inputs["unet_input"].shape[0] // (inputs["noisy"].shape[0] // NUM_VIEWS)
+    views_per_object = inputs["unet_input"].shape[0] // (inputs["noisy"].shape[0] // NUM_INPUT_VIEWS)
     out = unet(inputs["unet_input"], inputs["unet_timesteps"], inputs["encoder_hidden_states"],
                cross_attention_kwargs={"num_views": views_per_object}).sample
-    return out if views_per_object == NUM_VIEWS else generated_views(out, NUM_VIEWS)
+    return out if views_per_object == NUM_INPUT_VIEWS else generated_views(out, NUM_INPUT_VIEWS)
 
 
 def predict_x0(pred: Tensor, noisy: Tensor, timesteps: Tensor, scheduler: DDPMScheduler) -> Tensor:
@@ -169,7 +169,8 @@ def render_objects(splatter: Tensor, C2W: Tensor, fxfycxcy: Tensor, resolution: 
 def _render_objects(splatter, C2W, fxfycxcy, resolution, backend, opacity_threshold, batch_views, image_formation):
     images, alphas = [], []
     for b in range(splatter.shape[0]):
-        g = splatter_to_gaussians(splatter[b].float(), C2W[b, :NUM_VIEWS].float(), fxfycxcy[b, :NUM_VIEWS].float(),
+        v = NUM_INPUT_VIEWS  # the input views' cameras unproject the splatter images
+        g = splatter_to_gaussians(splatter[b].float(), C2W[b, :v].float(), fxfycxcy[b, :v].float(),
                                   opacity_threshold=opacity_threshold)
         Ks = pixel_K(fxfycxcy[b].float(), resolution, resolution)  # (Vr, 3, 3)
         if batch_views:
@@ -216,7 +217,7 @@ def rendering_loss(pred: Tensor, inputs: dict, batch: Batch, scheduler, gsvae, l
     b = batch.latents.shape[0]
     x0 = predict_x0(pred.float(), inputs["noisy"].float(), inputs["timesteps"], scheduler)
     splatter = gsvae.decode(gsvae.unscale_latents(x0), use_tiny_decoder=True)  # (B*V, 12, H, W)
-    splatter = splatter.reshape(b, NUM_VIEWS, *splatter.shape[1:])
+    splatter = splatter.reshape(b, NUM_INPUT_VIEWS, *splatter.shape[1:])
     target = batch.target_rgba.float() / 255.0  # (B, 8, 4, Rr, Rr)
     return splatter_render_loss(splatter, batch.C2W, batch.fxfycxcy, target[:, :, :3], target[:, :, 3:], lpips,
                                 lpips_weight, backend, image_formation)
@@ -251,28 +252,28 @@ def sample_latents(unet, stack, scheduler_config: dict, prompt_embeds: Tensor, n
         raise ValueError(f"unknown sampler {sampler!r}; use {', '.join(SAMPLERS)}")
     scheduler.set_timesteps(steps, device=device)
     g = torch.Generator().manual_seed(seed)  # draws on the CPU: the same initial noise on every device
-    x = torch.randn((b * NUM_VIEWS, 4, h, h), generator=g) * scheduler.init_noise_sigma
-    text = torch.cat([null_embed[None].expand(b, -1, -1), prompt_embeds]).repeat_interleave(NUM_VIEWS, dim=0)
+    x = torch.randn((b * NUM_INPUT_VIEWS, 4, h, h), generator=g) * scheduler.init_noise_sigma
+    text = torch.cat([null_embed[None].expand(b, -1, -1), prompt_embeds]).repeat_interleave(NUM_INPUT_VIEWS, dim=0)
     x, text, C2W, fxfycxcy = to_device((x, text, C2W, fxfycxcy), device)
     plucker = plucker_condition(C2W.float(), fxfycxcy.float(), resolution, h).repeat(b, 1, 1, 1)
     text = text.to(dtype)
-    views = NUM_VIEWS
+    views = NUM_INPUT_VIEWS
     if condition is not None:
         condition = to_device(condition.float(), device)
         both = torch.cat([torch.zeros_like(condition), condition])  # unconditional branch: no image
-        views = NUM_VIEWS + 1
-        text = text.reshape(2 * b, NUM_VIEWS, *text.shape[1:])
+        views = NUM_INPUT_VIEWS + 1
+        text = text.reshape(2 * b, NUM_INPUT_VIEWS, *text.shape[1:])
         text = torch.cat([text[:, :1], text], dim=1).flatten(0, 1)
     for t in scheduler.timesteps:
         xin = scheduler.scale_model_input(torch.cat([x, x]), t)
         if condition is None:
             inp = mv_unet_input(xin, torch.cat([plucker, plucker])).to(dtype)
         else:
-            inp = with_condition_view(xin, torch.cat([plucker, plucker]), both, NUM_VIEWS).to(dtype)
+            inp = with_condition_view(xin, torch.cat([plucker, plucker]), both, NUM_INPUT_VIEWS).to(dtype)
         out = unet(inp, t, text, cross_attention_kwargs={"num_views": views}).sample.float()
         if condition is not None:
-            out = generated_views(out, NUM_VIEWS)
+            out = generated_views(out, NUM_INPUT_VIEWS)
         uncond, cond = out.chunk(2)
         pred = uncond + guidance * (cond - uncond)
         x = scheduler.step(pred, t, x, generator=g).prev_sample if sampler != "ddim" else scheduler.step(pred, t, x).prev_sample
-    return stack.gsvae.unscale_latents(x.float().cpu()).reshape(b, NUM_VIEWS, 4, h, h)
+    return stack.gsvae.unscale_latents(x.float().cpu()).reshape(b, NUM_INPUT_VIEWS, 4, h, h)

@@ -9,8 +9,9 @@ launch -m stages.train`` runs the same code on several GPUs (each rank draws its
 Reproducibility and resume: every random draw of a micro-batch (which objects, timesteps, noise, CFG drop,
 rendering-loss coin) comes from a generator seeded by (seed, step, micro-batch, rank)
 (:func:`~chibisplat.training.objective.step_generator`), not from a data-loader state. A checkpoint
-(``accelerator.save_state``: UNet, optimizer, LR scheduler, EMA, RNG states, plus ``train_state.json``) therefore
-resumes bit-for-bit where the run stopped; ``train.resume: auto`` picks the newest checkpoint whose fingerprint (all
+(``accelerator.save_state``: optimizer, LR scheduler, EMA, RNG states, ``train_state.json``, and the UNet: all of it in
+full mode, the adapter alone in LoRA mode, :mod:`chibisplat.training.checkpointing`) therefore resumes bit-for-bit
+where the run stopped; ``train.resume: auto`` picks the newest checkpoint whose fingerprint (all
 settings except the step budget and logging/checkpoint cadence) matches, and starts afresh otherwise.
 
 Outputs under ``train.out_dir`` (default ``models/train``):
@@ -28,22 +29,24 @@ from __future__ import annotations
 
 import copy
 import csv
-import json
-import math
-import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from chibisplat.config_schema import DEFAULT_IMAGE_FORMATION
+from chibisplat.config import ModelsParams, TrainParams, plain
 from chibisplat.device import to_device
+from chibisplat.files import install_folder
 from chibisplat.identity import sha256_json
 from chibisplat.models.sources import load_model_stack
-from chibisplat.training.config import NonFiniteLoss, check_keys, resolved_section
+from chibisplat.training.checkpointing import (
+    adapter_only_checkpoints, base_weights_sha256, checkpoints, read_state, remove_checkpoints, save_adapter,
+    save_checkpoint,
+)
+from chibisplat.training.errors import NonFiniteLoss
 from chibisplat.training.latents import load_latent_set, read_metadata
 from chibisplat.training.image_condition import (
     condition_moments, object_condition_slots, packed_condition_images, prediction_type_for, vae_scaling,
@@ -54,85 +57,11 @@ from chibisplat.training.objective import (
 from chibisplat.training.precision import check_mixed_precision
 
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
-CHECKPOINT_PREFIX = "checkpoint-"
-STATE_FILE = "train_state.json"
 # Settings that may change between a checkpoint and its resume (they do not change the trajectory).
 RESUMABLE_CHANGES = ("max_steps", "checkpointing_steps", "checkpoints_total_limit", "log_every", "resume",
                      "dataloader_workers")
 # torch.compile backend of `train.compile: true` (tests swap in a lighter one to check the wiring quickly).
 COMPILE_BACKEND = "inductor"
-
-
-@dataclass(frozen=True)
-class TrainParams:
-    latents_dir: str = "data/latents"
-    embeddings: str = "data/embeddings/prompt_embeds.parquet"
-    packed_dir: str = "data/packed"  # the condition views of the image model (models.image_conditioned)
-    out_dir: str = "models/train"
-    metrics_dir: str = "metrics/train"
-    seed: int = 0
-    max_steps: int = 240
-    batch_size: int = 2  # objects (x 4 views) per process and micro-batch
-    gradient_accumulation_steps: int = 1
-    mixed_precision: str = "no"  # no | fp16 | bf16 (accelerate)
-    allow_tf32: bool = True
-    mode: str = "lora"  # lora | full
-    lora_rank: int = 4
-    lora_alpha: int = 4
-    lr: float = 1.0e-4
-    lr_scheduler: str = "constant_with_warmup"
-    lr_warmup_steps: int = 0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_weight_decay: float = 0.01
-    adam_epsilon: float = 1.0e-8
-    max_grad_norm: float = 1.0
-    gradient_checkpointing: bool = False
-    # GPU speed levers (README "GPU speed levers"; benchmarks/bench_gpu_pipeline.py measures them):
-    fused_adamw: bool = False  # torch.optim.AdamW(fused=True): one kernel for all parameters (CUDA; CPU too)
-    ema_foreach: bool = False  # EMA update with torch._foreach_* (one launch per op, not per tensor)
-    compile: bool = False  # torch.compile the UNet's forward in place (weights and their names unchanged)
-    dataloader_workers: int = 0  # processes preparing micro-batches ahead of the step (pinned memory on CUDA)
-    use_ema: bool = True
-    ema_decay: float = 0.9999
-    ema_power: float = 0.75  # warm-up 1 - (1 + step)^-power (DiffSplat's MyEMAModel)
-    # null: the model's (DiffSplat): v_prediction with models.image_conditioned, else epsilon (docs/image-to-3d.md §4)
-    prediction_type: str | None = None
-    # each condition's dropout rate: text -> null embedding (DiffSplat: p = 0.10); the image model also drops the
-    # image (zero latent) at this rate, both together half of it (docs/image-to-3d.md §5)
-    cfg_dropout: float = 0.1
-    diffusion_weight: float = 1.0
-    render_weight: float = 1.0
-    rendering_loss_prob: float = 0.0  # DiffSplat: 0 in stage 1, 1 in the "__render" stage
-    lpips_weight: float = 1.0
-    lpips_weights: str | None = None  # local LPIPS-VGG16 file; null: LPIPS term off (logged)
-    rasterizer: str = "auto"  # auto | torch | gsplat
-    image_formation: str = DEFAULT_IMAGE_FORMATION  # diffsplat | 3dgs (chibisplat/splats/rasterize.py)
-    checkpointing_steps: int = 50
-    checkpoints_total_limit: int = 2
-    resume: str = "auto"  # auto | never
-    log_every: int = 10
-
-    @staticmethod
-    def from_params(params: dict) -> "TrainParams":
-        d = resolved_section(params, "train")
-        moved = sorted({"finetune_gsrecon", "finetune_gsvae"} & set(d))
-        if moved:
-            raise KeyError(f"params.yaml train.{moved[0]} moved: GSRecon/GSVAE fine-tuning is its own stage, switched "
-                           "by finetune.gsrecon / finetune.gsvae (chibisplat/training/finetune.py); remove "
-                           f"{', '.join('train.' + m for m in moved)}")
-        check_keys("train", d, set(TrainParams.__dataclass_fields__))
-        p = TrainParams(**d)
-        if p.mode not in ("lora", "full"):
-            raise ValueError(f"params.yaml train.mode must be 'lora' or 'full', got {p.mode!r}")
-        if p.resume not in ("auto", "never"):
-            raise ValueError(f"params.yaml train.resume must be 'auto' or 'never', got {p.resume!r}")
-        if p.checkpointing_steps < 1 or p.max_steps < 1 or p.batch_size < 1:
-            raise ValueError("params.yaml train.max_steps, batch_size and checkpointing_steps must be >= 1")
-        check_mixed_precision("train.mixed_precision", p.mixed_precision)
-        if p.dataloader_workers < 0:
-            raise ValueError(f"params.yaml train.dataloader_workers must be >= 0, got {p.dataloader_workers}")
-        return p
 
 
 @dataclass
@@ -143,17 +72,16 @@ class TrainResult:
     final_dir: Path | None = None
 
 
-def fingerprint(params: TrainParams, models_cfg: dict, latents_dir: Path) -> str:
-    """Identity of a training trajectory: settings (except :data:`RESUMABLE_CHANGES`), models, latent files."""
+def fingerprint(params: TrainParams, models: ModelsParams, latents_dir: Path, base_unet: str | None = None) -> str:
+    """Identity of a training trajectory: settings (except :data:`RESUMABLE_CHANGES`), models, latent files, and
+    ``base_unet`` (LoRA: the hash of the base UNet weights, which its checkpoints do not hold)."""
     keys = sorted(read_metadata(p)["cache_key"] for p in sorted((latents_dir / "train").glob("*.safetensors")))
-    settings = {k: v for k, v in asdict(params).items() if k not in RESUMABLE_CHANGES + ("metrics_dir", "out_dir")}
-    return sha256_json({"train": settings, "models": models_cfg, "latents": keys})
-
-
-def checkpoints(ckpt_root: Path) -> list[Path]:
-    """Complete checkpoints (those with a state file), oldest first."""
-    found = [p for p in ckpt_root.glob(f"{CHECKPOINT_PREFIX}*") if (p / STATE_FILE).is_file()]
-    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
+    # plain(): the values as params.yaml writes them (paths as text), so a checkpoint's fingerprint stays valid
+    settings = {k: v for k, v in plain(params).items() if k not in RESUMABLE_CHANGES + ("metrics_dir", "out_dir")}
+    identity = {"train": settings, "models": plain(models), "latents": keys}
+    if base_unet is not None:
+        identity["base_unet"] = base_unet
+    return sha256_json(identity)
 
 
 def _truncate_live_tsv(metrics_dir: Path, last_step: int) -> None:
@@ -239,7 +167,7 @@ def training_step(unet, batch, inputs, scheduler, gsvae, lpips, params: TrainPar
     return out
 
 
-def train(params: TrainParams, models_cfg: dict, log=print) -> TrainResult:
+def train(params: TrainParams, models: ModelsParams, log=print) -> TrainResult:
     """Run (or resume) the fine-tuning described by ``params``; see the module docstring."""
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
@@ -263,8 +191,8 @@ def train(params: TrainParams, models_cfg: dict, log=print) -> TrainResult:
 
     # --- data and models
     data = load_latent_set(latents_dir, "train", Path(params.embeddings))
-    stack = load_model_stack(models_cfg)
-    image_conditioned = bool(models_cfg.get("image_conditioned", False))
+    stack = load_model_stack(models)
+    image_conditioned = models.image_conditioned
     scheduler = noise_scheduler(stack, prediction_type_for(image_conditioned, params.prediction_type))
     condition = condition_scaling = None
     if image_conditioned:  # each object's condition view (input view 0) through SD1.5's VAE, once
@@ -278,12 +206,10 @@ def train(params: TrainParams, models_cfg: dict, log=print) -> TrainResult:
     gsvae = to_device(stack.gsvae, device).requires_grad_(False).eval()
     unet = stack.unet.requires_grad_(False)
     lora = params.mode == "lora"
+    base_unet = base_weights_sha256(unet) if lora else None  # LoRA checkpoints hold the adapter only
     torch.manual_seed(params.seed)  # LoRA's gaussian init
     if lora:
-        from peft import LoraConfig
-
-        unet.add_adapter(LoraConfig(r=params.lora_rank, lora_alpha=params.lora_alpha, init_lora_weights="gaussian",
-                                    target_modules=LORA_TARGETS))
+        unet.add_adapter(lora_config(params.lora_rank, params.lora_alpha))
     else:
         unet.requires_grad_(True)
     if params.gradient_checkpointing:
@@ -311,6 +237,8 @@ def train(params: TrainParams, models_cfg: dict, log=print) -> TrainResult:
                                  num_warmup_steps=params.lr_warmup_steps * accelerator.num_processes,
                                  num_training_steps=params.max_steps * accelerator.num_processes)
     unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
+    if lora:
+        adapter_only_checkpoints(accelerator, unet)
     ema = None
     if params.use_ema:
         ema = EMAModel(trainable, decay=params.ema_decay, use_ema_warmup=True, inv_gamma=1.0, power=params.ema_power,
@@ -318,10 +246,10 @@ def train(params: TrainParams, models_cfg: dict, log=print) -> TrainResult:
         accelerator.register_for_checkpointing(ema)
 
     # --- resume
-    fp = fingerprint(params, models_cfg, latents_dir)
+    fp = fingerprint(params, models, latents_dir, base_unet)
     start = 0
     found = checkpoints(ckpt_root) if params.resume == "auto" else []
-    states = {c: json.loads((c / STATE_FILE).read_text()) for c in found}
+    states = {c: read_state(c) for c in found}
     usable = [c for c in found if states[c].get("fingerprint") == fp and states[c]["step"] <= params.max_steps]
     if usable:
         accelerator.load_state(str(usable[-1]))
@@ -332,7 +260,7 @@ def train(params: TrainParams, models_cfg: dict, log=print) -> TrainResult:
             log(f"train: {len(found)} checkpoint(s) in {ckpt_root} belong to other settings, data or a longer run; "
                 "starting afresh")
         if main:
-            shutil.rmtree(ckpt_root)
+            remove_checkpoints(ckpt_root)
     if ema is not None:
         to_device(ema, device)
     accelerator.wait_for_everyone()
@@ -399,7 +327,7 @@ def train(params: TrainParams, models_cfg: dict, log=print) -> TrainResult:
             log(f"train: step {step}/{params.max_steps} loss {logs['loss']:.4f} (diffusion "
                 f"{logs['diffusion_loss']:.4f}{extra}) lr {lr_scheduler.get_last_lr()[0]:.2e} {sps:.2f} steps/s")
         if step % params.checkpointing_steps == 0 or step == params.max_steps:
-            _save_checkpoint(accelerator, ckpt_root, step, fp, params.checkpoints_total_limit, log)
+            save_checkpoint(accelerator, ckpt_root, step, fp, params.checkpoints_total_limit, log)
 
     accelerator.wait_for_everyone()
     result.steps = step
@@ -419,55 +347,43 @@ def train(params: TrainParams, models_cfg: dict, log=print) -> TrainResult:
     return result
 
 
-def _save_checkpoint(accelerator, ckpt_root: Path, step: int, fp: str, limit: int, log) -> None:
-    """``save_state`` into a temporary folder, renamed when complete, then the oldest beyond ``limit`` removed."""
-    final = ckpt_root / f"{CHECKPOINT_PREFIX}{step:06d}"
-    tmp = ckpt_root / f".tmp-{CHECKPOINT_PREFIX}{step:06d}"
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        ckpt_root.mkdir(parents=True, exist_ok=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        (tmp / STATE_FILE).write_text(json.dumps({"step": step, "fingerprint": fp}))
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        for old in checkpoints(ckpt_root)[: max(0, len(checkpoints(ckpt_root)) - max(1, limit))]:
-            shutil.rmtree(old)
-        log(f"train: checkpoint {final}")
-    accelerator.wait_for_everyone()
-
-
 def _save_final(unet, ema, trainable, lora: bool, out_dir: Path, log) -> Path:
+    """The inference UNet (and LoRA adapter), written beside ``out_dir/unet`` and swapped in with renames only."""
+    staged = out_dir / ".tmp-unet"
+    shutil.rmtree(staged, ignore_errors=True)  # left by a killed run
     if ema is not None:  # inference uses the EMA weights (DiffSplat's unet_ema)
         ema.store(trainable)
         ema.copy_to(trainable)
     try:
-        shutil.rmtree(out_dir / "unet", ignore_errors=True)
         merged = merged_unet(unet, lora)
-        merged.save_pretrained(str(out_dir / "unet"))
+        merged.save_pretrained(str(staged))
         if lora:
-            unet.save_lora_adapter(str(out_dir / "unet" / "lora"))
+            save_adapter(unet, staged / "lora")
     finally:
         if ema is not None:
             ema.restore(trainable)
+    install_folder(staged, out_dir / "unet", out_dir)
     log(f"train: final UNet in {out_dir / 'unet'}" + (f", LoRA adapter in {out_dir / 'unet' / 'lora'}" if lora else ""))
     return out_dir / "unet"
+
+
+def lora_config(rank: int, alpha: int):
+    """The LoRA adapter ``train.mode: lora`` adds to the UNet: rank ``rank``, scale ``alpha / rank``, on the attention
+    projections :data:`LORA_TARGETS`, gaussian-initialised A and zero B (peft ``LoraConfig``; diffusers' recipe)."""
+    from peft import LoraConfig
+
+    return LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=LORA_TARGETS)
 
 
 def parameter_counts(unet, mode: str, lora_rank: int = 4, lora_alpha: int = 4) -> tuple[int, int]:
     """(trainable, total) parameters of ``unet`` trained with ``mode`` (adds the LoRA adapter in place)."""
     unet.requires_grad_(False)
     if mode == "lora":
-        from peft import LoraConfig
-
-        unet.add_adapter(LoraConfig(r=lora_rank, lora_alpha=lora_alpha, init_lora_weights="gaussian",
-                                    target_modules=LORA_TARGETS))
+        unet.add_adapter(lora_config(lora_rank, lora_alpha))
     else:
         unet.requires_grad_(True)
     params = list(unet.parameters())
     return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
 
 
-__all__ = ["NonFiniteLoss", "TrainParams", "TrainResult", "train", "training_step", "parameter_counts", "math"]
+__all__ = ["NonFiniteLoss", "TrainParams", "TrainResult", "train", "training_step", "parameter_counts", "lora_config"]
