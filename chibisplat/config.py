@@ -355,7 +355,7 @@ SECTIONS: dict[str, type] = {
     "evaluate": EvaluateParams,
     "generate": GenerateParams,
 }
-# cluster: where render and latents run (chibisplat/executors.py ExecutorConfig, read by those two stages only).
+# cluster: where render and latents run (chibisplat/executors/__init__.py ExecutorConfig, read by those two stages only).
 UNTYPED_SECTIONS = ("cluster",)
 
 
